@@ -1,0 +1,5 @@
+"""The one exception family users see: each message names what is wrong and how to fix it."""
+
+
+class PeftkitError(Exception):
+    """Base class for errors the CLI prints as one line (no traceback) and exits 2 on."""
