@@ -1,0 +1,249 @@
+"""The adapter registry: a SQLite catalog plus a content-addressed file store, with lineage and integrity.
+
+    reg = Registry()                        # $PEFTKIT_HOME/registry, default ~/.peftkit/registry
+    entry = reg.add("runs/retail", name="retail-bot", tags=["stable"], domain="retail")
+    reg.show("retail-bot:stable").ref      # 'retail-bot@1'
+    path = reg.checkout("retail-bot@1")     # read-only folder for PeftModel.from_pretrained(base, path)
+
+Importing this package, listing and showing never import torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from peftkit.config import peftkit_home
+from peftkit.registry.catalog import Catalog, Entry, FileRecord
+from peftkit.registry.errors import (AdapterValidationError, ArchiveError, BaseMismatchError, InvalidNameError,
+                                     PickleRefusedError, RegistryError, UnknownRefError)
+from peftkit.registry.maintenance import GcReport, Problem, VerifyReport, collect_garbage, verify_store
+from peftkit.registry.names import Ref, check_name, parse_ref
+from peftkit.registry.source import Base, read_source, resolve_base
+from peftkit.registry.store import Staged, Store, remove_tree
+from peftkit.registry.validate import DEFAULT_MAX_RANK, load_json, validate_files
+
+__all__ = ["Registry", "Entry", "FileRecord", "VerifyReport", "Problem", "GcReport", "RegistryError", "InvalidNameError",
+           "UnknownRefError", "PickleRefusedError", "AdapterValidationError", "BaseMismatchError", "ArchiveError",
+           "DEFAULT_MAX_RANK", "default_path"]
+
+METHOD_OF_PEFT_TYPE = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "IA3": "ia3",
+                       "PEFTKIT_BOTTLENECK": "bottleneck"}
+PAUSE_ENV = "PEFTKIT_REGISTRY_PAUSE"  # test hook: stop inside add at a named step (see _pause)
+
+
+def default_path() -> Path:
+    """Return the default registry folder, $PEFTKIT_HOME/registry."""
+    return peftkit_home() / "registry"
+
+
+class Registry:
+    """A registry folder: catalog.db (SQLite) + blobs/ (files by sha256) + checkouts/ (read-only folders)."""
+
+    def __init__(self, path: str | Path | None = None, max_rank: int = DEFAULT_MAX_RANK, busy_timeout: float = 60.0):
+        self.path = Path(path).expanduser() if path is not None else default_path()
+        self.max_rank = max_rank
+        self.store = Store(self.path)
+        self.catalog = Catalog(self.path / "catalog.db", busy_timeout=busy_timeout)
+
+    def add(self, src_dir: str | Path, name: str, tags: Iterable[str] = (), domain: str | None = None,
+            allow_base_mismatch: bool = False, parent: str | Path | None = None, *, base_config: str | Path | None = None,
+            base_model_dir: str | Path | None = None, max_rank: int | None = None) -> Entry:
+        """Return the Entry of a new version of `name` holding the adapter (or run) folder's files."""
+        tags, domain = self._check_labels(name, tags, domain)
+        max_rank = max_rank or self.max_rank
+        source = read_source(src_dir)
+        base, recorded = resolve_base(source, base_config, base_model_dir)
+        if recorded and not allow_base_mismatch:
+            raise BaseMismatchError(f"{source.root}: trained on base {recorded[:19]}… but --base-model is {base.fingerprint[:19]}…; "
+                                    "pass the base it was trained on, or --allow-base-mismatch if they are compatible")
+        validate_files(source.files, base.config, max_rank)  # fail before copying anything
+        staged = {rel: self.store.stage_file(path) for rel, path in source.files.items()}
+        try:
+            _pause("staged")
+            # Check and record what is stored, which may differ from what the folder held a moment ago.
+            info = validate_files({rel: s.tmp for rel, s in staged.items()}, base.config, max_rank)
+            if "peftkit.json" in staged:
+                source.lineage = load_json(staged["peftkit.json"].tmp, str(source.root / "peftkit.json"))
+            meta = _metadata(source, base, info, domain)
+            return self._register(name, staged, meta, tags, allow_base_mismatch, self._parent_ref(parent, source))
+        finally:
+            self.store.discard(list(staged.values()))
+
+    def list(self, domain: str | None = None, base: str | None = None, latest: bool = False) -> list[Entry]:
+        """Return summaries (no config, no files) of every version, or the latest of each name, sorted by name."""
+        return self.catalog.list(domain=domain, base=base, latest=latest)
+
+    def show(self, ref: str) -> Entry:
+        """Return the full Entry (config, metrics, lineage, files) for `name`, `name@3` or `name:tag`."""
+        return self.catalog.lookup(parse_ref(ref))
+
+    resolve = show
+
+    def tag(self, ref: str, tag: str) -> Entry:
+        """Return the entry after pointing name:tag at it (a tag names one version at a time and can move)."""
+        check_name(tag, "tag")
+        with self.catalog.write() as conn:
+            entry = self.catalog.lookup(parse_ref(ref), detail=False)
+            self.catalog.set_tag(conn, entry.name, tag, entry.id)
+        return self.show(entry.ref)
+
+    def remove(self, ref: str, all_versions: bool = False) -> list[str]:
+        """Return the refs removed: one version (`name@3`, `name:tag`, or `name` when it has one version) or all."""
+        parsed = parse_ref(ref)
+        with self.catalog.write() as conn:
+            target = self.catalog.lookup(parsed, detail=False)
+            ids = self.catalog.version_ids(parsed.name)
+            if all_versions and parsed.version is None and parsed.tag is None:
+                chosen = ids
+            elif parsed.version is None and parsed.tag is None and len(ids) > 1:
+                raise RegistryError(f"{parsed.name} has versions {', '.join(str(v) for _, v in ids)}; remove one with "
+                                    f"{parsed.name}@{ids[-1][1]} or all of them with --all")
+            else:
+                chosen = [(target.id, target.version)]
+            conn.executemany("DELETE FROM adapters WHERE id = ?", [(i,) for i, _ in chosen])
+        removed = [f"{parsed.name}@{v}" for _, v in chosen]
+        for r in removed:
+            remove_tree(self.store.checkouts / r)
+        collect_garbage(self, temps=False)  # free blobs no other version uses
+        return removed
+
+    def checkout(self, ref: str) -> Path:
+        """Return a read-only folder with the adapter's files exactly as registered (loadable by PeftModel.from_pretrained)."""
+        entry = self.show(ref)
+        return self.store.checkout(entry.ref, [(f.path, f.sha256) for f in entry.files])
+
+    def verify(self, ref: str | None = None) -> VerifyReport:
+        """Return a report of every stored file re-hashed: missing or corrupt files, by entry and path."""
+        return verify_store(self, None if ref is None else self.show(ref))
+
+    def export(self, ref: str, file: str | Path) -> Path:
+        """Return the path of one archive (tar) holding the entry's files and catalog metadata."""
+        from peftkit.registry.archive import export_entry
+        return export_entry(self, self.show(ref), Path(file))
+
+    def import_(self, file: str | Path, name: str | None = None, allow_base_mismatch: bool = False,
+                max_rank: int | None = None) -> Entry:
+        """Return the Entry an export archive became, under its own name or `name` (entry.new is False for a duplicate)."""
+        from peftkit.registry.archive import import_archive
+        return import_archive(self, Path(file), allow_base_mismatch, max_rank or self.max_rank, name=name)
+
+    def gc(self) -> GcReport:
+        """Return what was freed: blobs no entry uses, temp files of dead writers, checkouts of removed versions."""
+        return collect_garbage(self, temps=True)
+
+    def close(self) -> None:
+        """Close the catalog connection."""
+        self.catalog.close()
+
+    # ------------------------------------------------------------ shared by add and import
+
+    def _check_labels(self, name: str, tags: Iterable[str], domain: str | None) -> tuple[list[str], str | None]:
+        check_name(name)
+        tags = [check_name(t, "tag") for t in tags]
+        return tags, None if domain is None else check_name(domain, "domain")
+
+    def _register(self, name: str, staged: dict[str, Staged], meta: dict[str, Any], tags: list[str],
+                  allow_base_mismatch: bool, parent: str | None, imported: bool = False) -> Entry:
+        files = [FileRecord(rel, s.sha256, s.size) for rel, s in sorted(staged.items())]
+        meta.update(content_sha256=content_digest(files), size=sum(f.size for f in files), registered_at=_now())
+        with self.catalog.write() as conn:
+            if not allow_base_mismatch:
+                self._check_base(conn, name, meta)
+            adapter_id = self.catalog.find_same_content(conn, name, meta["content_sha256"])
+            new = adapter_id is None
+            if new:
+                meta["parent"], meta["parent_id"] = self._lookup_parent(parent, required=not imported)
+                self.store.commit(list(staged.values()))  # every blob is in place before the row exists
+                _pause("blobs-stored")
+                adapter_id, _ = self.catalog.insert(conn, name, meta, files)
+            for tag in tags:  # an import never takes a tag this registry already gave another version
+                self.catalog.set_tag(conn, name, tag, adapter_id, move=not imported)
+            if new:
+                _pause("row-inserted")
+            version = conn.execute("SELECT version FROM adapters WHERE id = ?", (adapter_id,)).fetchone()[0]
+        entry = self.show(f"{name}@{version}")
+        entry.new = new
+        return entry
+
+    def _check_base(self, conn, name: str, meta: dict[str, Any]) -> None:
+        row = self.catalog.known_base(conn, name)
+        if row is None or row["base_fingerprint"] == meta["base_fingerprint"]:
+            return
+        found = f"{meta['base_fingerprint'][:19]}… ({meta['base_model']})" if meta["base_fingerprint"] else "an unknown base (pass --base-model DIR)"
+        raise BaseMismatchError(
+            f"{name}@{row['version']} was trained on base {row['base_fingerprint'][:19]}… ({row['base_model']}) but this adapter on "
+            f"{found}; register it under another name, or pass --allow-base-mismatch (allow_base_mismatch=True) if the bases are compatible")
+
+    def _parent_ref(self, parent: str | Path | None, source) -> str | None:
+        # A parent may be a reference, or the folder training continued from (matched by its files).
+        parent = parent if parent is not None else source.lineage.get("parent")
+        if parent is None or str(parent) == "":
+            return None
+        if isinstance(parent, Path) or "/" in str(parent) or os.sep in str(parent):
+            return self._ref_of_folder(Path(parent))
+        return str(parent)
+
+    def _ref_of_folder(self, folder: Path) -> str:
+        from peftkit.fingerprint import file_sha256
+        files = read_source(folder).files
+        digest = content_digest([FileRecord(rel, file_sha256(p), p.stat().st_size) for rel, p in sorted(files.items())])
+        row = self.catalog.conn.execute("SELECT name, version FROM adapters WHERE content_sha256 = ? ORDER BY id LIMIT 1", (digest,)).fetchone()
+        if row is None:
+            raise UnknownRefError(f"parent folder {folder} matches no registered adapter; register it first, or pass no parent")
+        return f"{row[0]}@{row[1]}"
+
+    def _lookup_parent(self, parent: str | None, required: bool) -> tuple[str | None, int | None]:
+        if parent is None:
+            return None, None
+        try:
+            entry = self.catalog.lookup(parse_ref(parent), detail=False)
+        except (UnknownRefError, InvalidNameError) as exc:
+            if not required:  # an imported adapter's parent may live only in the registry it came from
+                return parent, None
+            raise UnknownRefError(f"parent {parent}: {exc}; register the parent first, or pass no parent") from None
+        return entry.ref, entry.id
+
+
+def content_digest(files: list[FileRecord]) -> str:
+    """Return the sha256 over an entry's (path, sha256, size) list: equal exactly when the files are equal."""
+    import hashlib
+    lines = "".join(f"{f.path}\0{f.sha256}\0{f.size}\n" for f in sorted(files, key=lambda f: f.path))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def _metadata(source, base: Base, info: dict[str, Any], domain: str | None) -> dict[str, Any]:
+    lin = source.lineage
+    method = lin.get("method") or _method_from_files(source, info)
+    extras = {k: v for k, v in lin.items() if k not in ("config", "metrics", "base_config")}
+    return {
+        "method": method, "peft_type": info["peft_type"], "rank": info["rank"], "base_model": base.model,
+        "base_fingerprint": base.fingerprint, "data_fingerprint": lin.get("data_fingerprint"), "domain": domain,
+        "created_at": lin.get("created_at") or _now(),
+        "metrics": json.dumps(lin.get("metrics") or source.run_metrics or {}),
+        "detail": json.dumps({"config": lin.get("config") or source.run_config, "base_config": base.config,
+                              "lineage": {**extras, "source": str(source.root.resolve())}}),
+    }
+
+
+def _method_from_files(source, info: dict[str, Any]) -> str:
+    if info["kind"] == "full":
+        return "full"
+    if info["peft_type"] == "LORA":
+        config = load_json(source.files["adapter_config.json"], "adapter_config.json")
+        return "dora" if config.get("use_dora") else "lora"
+    return METHOD_OF_PEFT_TYPE.get(info["peft_type"] or "", (info["peft_type"] or "unknown").lower())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _pause(point: str) -> None:
+    # Lets tests SIGKILL an add at a known step (staged, blobs-stored, row-inserted); unset in normal use.
+    if os.environ.get(PAUSE_ENV) == point:
+        Path(os.environ[PAUSE_ENV + "_FILE"]).touch()
+        time.sleep(3600)
