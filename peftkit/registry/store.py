@@ -122,9 +122,7 @@ class Store:
         """Return temp files and folders whose writer is dead (or that are older than a day)."""
         if not self.tmp.is_dir():
             return []
-        now = time.time()
-        return [p for p in sorted(self.tmp.iterdir())
-                if not _pid_alive(p.name.split("-", 1)[0]) or now - p.lstat().st_mtime > STALE_TEMP_SECONDS]
+        return [p for p in sorted(self.tmp.iterdir()) if _is_stale(p, time.time())]
 
     def checkout(self, dirname: str, files: list[tuple[str, str]]) -> Path:
         """Return a read-only folder holding these (relative path, sha256) files, building it once."""
@@ -185,6 +183,15 @@ def remove_tree(path: Path) -> None:
 def _make_read_only(root: Path) -> None:
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         os.chmod(dirpath, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+
+
+def _is_stale(path: Path, now: float) -> bool:
+    if not _pid_alive(path.name.split("-", 1)[0]):
+        return True
+    try:
+        return now - path.lstat().st_mtime > STALE_TEMP_SECONDS
+    except FileNotFoundError:  # a live writer just renamed it into place
+        return False
 
 
 def _pid_alive(text: str) -> bool:

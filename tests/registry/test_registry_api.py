@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import BASE_FP, LLAMA, OTHER_FP
+from registry_fakes import BASE_FP, LLAMA, OTHER_FP
 from peftkit.fingerprint import base_fingerprint
 from peftkit.registry import BaseMismatchError, Registry, RegistryError, UnknownRefError
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import IO, LLAMA, lora_tensors, write_adapter
+from registry_fakes import IO, LLAMA, lora_tensors, write_adapter
 from peftkit.registry import AdapterValidationError, PickleRefusedError
 from peftkit.registry.validate import read_header
 
