@@ -159,6 +159,8 @@ def _verify(args: argparse.Namespace) -> int:
         print(problem)
     if report.catalog != "ok":
         print(f"catalog: {report.catalog}")
+    if report.problems:
+        print(f"to repair: {report.problems[0].fix}")
     state = "ok" if report.ok else f"FAILED: {len(report.problems)} bad files"
     orphans = f"; {report.orphans} unused blobs (run `peftkit registry gc`)" if report.orphans else ""
     print(f"{state}: {report.entries} entries, {report.files} files, {human_size(report.bytes)} re-hashed{orphans}")

@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from peftkit.config import peftkit_home
 from peftkit.registry.catalog import Catalog, Entry, FileRecord
 from peftkit.registry.errors import (AdapterValidationError, ArchiveError, BaseMismatchError, InvalidNameError,
                                      PickleRefusedError, RegistryError, UnknownRefError)
@@ -37,6 +36,7 @@ PAUSE_ENV = "PEFTKIT_REGISTRY_PAUSE"  # test hook: stop inside add at a named st
 
 def default_path() -> Path:
     """Return the default registry folder, $PEFTKIT_HOME/registry."""
+    from peftkit.config import peftkit_home  # imported here: it pulls in yaml and inspect, which look-ups do not need
     return peftkit_home() / "registry"
 
 
@@ -69,7 +69,8 @@ class Registry:
             if "peftkit.json" in staged:
                 source.lineage = load_json(staged["peftkit.json"].tmp, str(source.root / "peftkit.json"))
             meta = _metadata(source, base, info, domain)
-            return self._register(name, staged, meta, tags, allow_base_mismatch, self._parent_ref(parent, source))
+            parent_ref, required = self._parent_ref(parent, source)
+            return self._register(name, staged, meta, tags, allow_base_mismatch, parent_ref, parent_required=required)
         finally:
             self.store.discard(list(staged.values()))
 
@@ -147,7 +148,8 @@ class Registry:
         return tags, None if domain is None else check_name(domain, "domain")
 
     def _register(self, name: str, staged: dict[str, Staged], meta: dict[str, Any], tags: list[str],
-                  allow_base_mismatch: bool, parent: str | None, imported: bool = False) -> Entry:
+                  allow_base_mismatch: bool, parent: str | None, parent_required: bool = True,
+                  move_tags: bool = True) -> Entry:
         files = [FileRecord(rel, s.sha256, s.size) for rel, s in sorted(staged.items())]
         meta.update(content_sha256=content_digest(files), size=sum(f.size for f in files), registered_at=_now())
         with self.catalog.write() as conn:
@@ -156,15 +158,20 @@ class Registry:
             adapter_id = self.catalog.find_same_content(conn, name, meta["content_sha256"])
             new = adapter_id is None
             if new:
-                meta["parent"], meta["parent_id"] = self._lookup_parent(parent, required=not imported)
-                self.store.commit(list(staged.values()))  # every blob is in place before the row exists
+                meta["parent"], meta["parent_id"] = self._lookup_parent(parent, parent_required)
+            # Every blob is in place before the row exists. For a duplicate this rewrites the blobs with
+            # freshly hashed bytes, which repairs any that `verify` found corrupt.
+            self.store.commit(list(staged.values()))
+            if new:
                 _pause("blobs-stored")
                 adapter_id, _ = self.catalog.insert(conn, name, meta, files)
-            for tag in tags:  # an import never takes a tag this registry already gave another version
-                self.catalog.set_tag(conn, name, tag, adapter_id, move=not imported)
+            for tag in tags:
+                self.catalog.set_tag(conn, name, tag, adapter_id, move=move_tags)
             if new:
                 _pause("row-inserted")
             version = conn.execute("SELECT version FROM adapters WHERE id = ?", (adapter_id,)).fetchone()[0]
+        if not new:  # its hard links may point at the blobs just replaced; the next checkout rebuilds it
+            remove_tree(self.store.checkouts / f"{name}@{version}")
         entry = self.show(f"{name}@{version}")
         entry.new = new
         return entry
@@ -178,23 +185,31 @@ class Registry:
             f"{name}@{row['version']} was trained on base {row['base_fingerprint'][:19]}… ({row['base_model']}) but this adapter on "
             f"{found}; register it under another name, or pass --allow-base-mismatch (allow_base_mismatch=True) if the bases are compatible")
 
-    def _parent_ref(self, parent: str | Path | None, source) -> str | None:
-        # A parent may be a reference, or the folder training continued from (matched by its files).
-        parent = parent if parent is not None else source.lineage.get("parent")
-        if parent is None or str(parent) == "":
-            return None
-        if isinstance(parent, Path) or "/" in str(parent) or os.sep in str(parent):
-            return self._ref_of_folder(Path(parent))
-        return str(parent)
+    def _parent_ref(self, parent: str | Path | None, source) -> tuple[str | None, bool]:
+        """Return (the parent's reference, or the text to record, and whether it must resolve)."""
+        # A parent given to add() must exist; one only recorded in peftkit.json is kept as text when it
+        # does not, so that a finished training run is never refused over its lineage.
+        explicit = parent is not None
+        value = parent if explicit else source.lineage.get("parent")
+        if value is None or str(value) == "":
+            return None, False
+        if isinstance(value, Path) or "/" in str(value) or os.sep in str(value):
+            ref = self._ref_of_folder(Path(value))
+            if ref is None and explicit:
+                raise UnknownRefError(f"parent folder {value} matches no registered adapter; register it first, or pass no parent")
+            return ref or str(value), ref is not None
+        return str(value), explicit
 
-    def _ref_of_folder(self, folder: Path) -> str:
+    def _ref_of_folder(self, folder: Path) -> str | None:
+        """Return name@version of the entry holding exactly this folder's files (training continued from it), or None."""
         from peftkit.fingerprint import file_sha256
-        files = read_source(folder).files
+        try:
+            files = read_source(folder).files
+        except RegistryError:
+            return None
         digest = content_digest([FileRecord(rel, file_sha256(p), p.stat().st_size) for rel, p in sorted(files.items())])
         row = self.catalog.conn.execute("SELECT name, version FROM adapters WHERE content_sha256 = ? ORDER BY id LIMIT 1", (digest,)).fetchone()
-        if row is None:
-            raise UnknownRefError(f"parent folder {folder} matches no registered adapter; register it first, or pass no parent")
-        return f"{row[0]}@{row[1]}"
+        return None if row is None else f"{row[0]}@{row[1]}"
 
     def _lookup_parent(self, parent: str | None, required: bool) -> tuple[str | None, int | None]:
         if parent is None:
@@ -202,7 +217,7 @@ class Registry:
         try:
             entry = self.catalog.lookup(parse_ref(parent), detail=False)
         except (UnknownRefError, InvalidNameError) as exc:
-            if not required:  # an imported adapter's parent may live only in the registry it came from
+            if not required:  # e.g. an imported adapter's parent may live only in the registry it came from
                 return parent, None
             raise UnknownRefError(f"parent {parent}: {exc}; register the parent first, or pass no parent") from None
         return entry.ref, entry.id

@@ -95,7 +95,8 @@ def import_archive(reg: "Registry", file: Path, allow_base_mismatch: bool, max_r
             entry = manifest.get("entry") or {}
             info = validate_files({rel: s.tmp for rel, s in staged.items()}, entry.get("base_config"), max_rank)
             meta = _metadata(entry, info, manifest)
-            return reg._register(name, staged, meta, tags, allow_base_mismatch, entry.get("parent"), imported=True)
+            return reg._register(name, staged, meta, tags, allow_base_mismatch, entry.get("parent"),
+                                 parent_required=False, move_tags=False)  # never take a tag from another version
         finally:
             reg.store.discard(list(staged.values()))
 

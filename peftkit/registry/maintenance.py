@@ -25,6 +25,11 @@ class Problem:
     def __str__(self) -> str:
         return f"{self.ref} {self.path}: {self.kind} (expected {self.expected}, found {self.found})"
 
+    @property
+    def fix(self) -> str:
+        """Return how to repair it: adding (or importing) the same files again rewrites the blob."""
+        return f"re-add the original folder with --name {self.ref.split('@')[0]}, or import an export of {self.ref}"
+
 
 @dataclass
 class VerifyReport:

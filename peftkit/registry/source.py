@@ -4,6 +4,12 @@ A run folder (what `peftkit train` writes) holds adapter/, config.yaml and metri
 files in adapter/ are stored, the run's config and metrics go into the catalog. An adapter folder
 holds the PEFT files (or a full fine-tune's config.json + model*.safetensors), optional tokenizer
 files and README.md, and peftkit.json, the lineage training writes.
+
+Without peftkit.json (an adapter from elsewhere) the base comes from the options: --base-model DIR
+records the base's fingerprint and config and checks shapes against it; --base-config FILE checks
+shapes only. With neither, the adapter is stored with an unknown base, its tensors are checked only
+against each other, and the CLI says so. A name whose earlier versions have a known base refuses a
+version with an unknown or different base unless --allow-base-mismatch is given.
 """
 from __future__ import annotations
 
@@ -12,8 +18,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from peftkit.fingerprint import base_fingerprint
 from peftkit.registry.errors import AdapterValidationError
@@ -78,6 +82,8 @@ def resolve_base(source: Source, base_config: str | Path | None = None, base_mod
 # ---------------------------------------------------------------- internals
 
 def _read_run(path: Path) -> tuple[dict | None, dict | None]:
+    import yaml  # only run folders need it; keeps `import peftkit.registry` light
+
     config = metrics = None
     if (path / "config.yaml").is_file():
         try:

@@ -33,9 +33,9 @@ def make_adapter(tmp_path: Path):
 @pytest.fixture
 def make_run(tmp_path: Path):
     """Return a factory for training run folders: adapter/ + config.yaml + metrics.json (adapter without peftkit.json)."""
-    def make(seed: int = 0) -> Path:
+    def make(seed: int = 0, lineage: bool = False) -> Path:
         run = tmp_path / "runs" / f"run{next(counter)}"
-        write_adapter(run / "adapter", seed=seed, lineage=False)
+        write_adapter(run / "adapter", seed=seed, lineage=lineage)
         (run / "config.yaml").write_text(yaml.safe_dump({"name": "run", "method": {"name": "lora", "rank": 8}}))
         (run / "metrics.json").write_text(json.dumps({"eval_loss": 0.75}))
         (run / "checkpoints").mkdir()

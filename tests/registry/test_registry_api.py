@@ -34,6 +34,12 @@ def test_a_training_run_folder_stores_only_the_adapter_and_reads_config_and_metr
     assert entry.base_fingerprint is None  # no peftkit.json: base unknown, stored anyway
 
 
+def test_a_run_folder_written_by_training_takes_lineage_from_peftkit_json(reg, make_run):
+    entry = reg.add(make_run(lineage=True), "trained")
+    assert "peftkit.json" in [f.path for f in entry.files]
+    assert (entry.base_fingerprint, entry.metrics["eval_loss"]) == (BASE_FP, 1.25)  # lineage wins over metrics.json
+
+
 def test_versions_increment_and_references_resolve(reg, make_adapter):
     refs = [reg.add(make_adapter(), "bot").ref for _ in range(3)]
     assert refs == ["bot@1", "bot@2", "bot@3"]
@@ -129,8 +135,18 @@ def test_parent_is_recorded_from_a_reference_or_the_folder_training_started_from
     assert reg.add(make_adapter(), "bot", parent="bot@1").parent == "bot@1"
     assert reg.add(make_adapter(lineage={"parent": "bot@1"}), "bot").parent == "bot@1"
     assert reg.add(make_adapter(), "child", parent=first_folder).parent == "bot@1"
+    assert reg.add(make_adapter(lineage={"parent": str(first_folder)}), "child").parent == "bot@1"
     with pytest.raises(UnknownRefError, match="parent bot@9: .*register the parent first"):
         reg.add(make_adapter(), "bot", parent="bot@9")
+
+
+def test_a_parent_only_recorded_in_the_lineage_is_kept_as_text_when_unknown(reg, make_adapter, tmp_path):
+    # Training writes method.init_from into peftkit.json; an unregistered parent must not refuse the run.
+    entry = reg.add(make_adapter(lineage={"parent": str(tmp_path / "elsewhere" / "adapter")}), "bot")
+    assert entry.parent == str(tmp_path / "elsewhere" / "adapter")
+    assert reg.add(make_adapter(lineage={"parent": "gone@3"}), "bot").parent == "gone@3"
+    with pytest.raises(UnknownRefError, match="matches no registered adapter"):
+        reg.add(make_adapter(), "bot", parent=tmp_path / "elsewhere")
 
 
 def test_checkout_is_a_read_only_folder_with_the_exact_files(reg, make_adapter):
@@ -173,3 +189,42 @@ def test_import_list_and_show_never_import_torch(reg, make_adapter):
 def test_show_returns_plain_json_ready_data(reg, make_adapter):
     data = reg.add(make_adapter(), "bot").to_dict()
     assert json.loads(json.dumps(data))["ref"] == "bot@1" and "id" not in data
+
+
+def _blob(reg, entry, path):
+    blob = reg.store.blob_path(next(f.sha256 for f in entry.files if f.path == path))
+    blob.chmod(0o644)
+    return blob
+
+
+def test_verify_names_each_missing_truncated_or_corrupt_file_and_re_adding_repairs(reg, make_adapter):
+    folder = make_adapter()
+    a = reg.add(folder, "a")
+    b = reg.add(make_adapter(), "b")
+    reg.checkout("a@1")
+    _blob(reg, a, "peftkit.json").unlink()
+    weights = _blob(reg, a, "adapter_model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-10])
+    raw = bytearray(_blob(reg, b, "adapter_model.safetensors").read_bytes())
+    raw[200] ^= 0x01
+    _blob(reg, b, "adapter_model.safetensors").write_bytes(bytes(raw))
+    report = reg.verify()
+    assert not report.ok
+    assert sorted((p.ref, p.path, p.kind) for p in report.problems) == [
+        ("a@1", "adapter_model.safetensors", "truncated"), ("a@1", "peftkit.json", "missing"),
+        ("b@1", "adapter_model.safetensors", "corrupt")]
+    assert [p.kind for p in reg.verify("b").problems] == ["corrupt"]  # one entry only
+    again = reg.add(folder, "a")
+    assert not again.new and [p.ref for p in reg.verify().problems] == ["b@1"]
+    checkout = reg.checkout("a@1")  # rebuilt from the repaired blobs
+    assert (checkout / "adapter_model.safetensors").read_bytes() == (folder / "adapter_model.safetensors").read_bytes()
+
+
+def test_gc_frees_blobs_left_unused_and_stale_checkouts(reg, make_adapter):
+    entry = reg.add(make_adapter(), "a")
+    reg.checkout("a")
+    with reg.catalog.write() as conn:  # as if a crash came between deleting the row and freeing its files
+        conn.execute("DELETE FROM adapters")
+    report = reg.gc()
+    assert (report.blobs_removed, report.checkouts_removed) == (3, 1)
+    assert report.bytes_freed == entry.size and list(reg.store.iter_blobs()) == []
