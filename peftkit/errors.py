@@ -2,4 +2,6 @@
 
 
 class PeftkitError(Exception):
-    """Base class for errors the CLI prints as one line (no traceback) and exits 2 on."""
+    """Base class for errors the CLI prints as one line (no traceback) and exits with exit_code on."""
+
+    exit_code = 2

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from peftkit import __version__
+from peftkit import checkpoints as ckpts
 from peftkit.config import RunConfig, config_to_dict, save_config
 from peftkit.errors import PeftkitError
 
@@ -31,23 +32,40 @@ class TrainResult:
     adapter_dir: Path
     metrics: dict
     registry_ref: str | None = None
+    model: object = None
+    """The trained model still in memory (for callers that evaluate or compare right away)."""
 
 
-def train(cfg: RunConfig, *, resume: bool = False, register: bool | None = None) -> TrainResult:
-    """Return the result of training cfg's method on cfg's data; writes the run directory."""
-    from transformers import Trainer, set_seed
+def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, register: bool | None = None) -> TrainResult:
+    """Return the result of training cfg's method on cfg's data; writes the run directory.
+
+    An interrupted run in the same output dir (killed, crashed, or stopped by a signal) is
+    resumed automatically from its newest complete checkpoint; resume=True insists on it.
+    """
+    from transformers import set_seed
 
     from peftkit.data import build_collator, prepare
     from peftkit.methods import build_method, load_adapter
     from peftkit.models import base_config_dict, load_base, load_tokenizer, resolve_dtype, resolve_model
+    from peftkit.trainer import SafeTrainer, StopOnSignal
 
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    checkpoint_dir = out / "checkpoints"
+    ckpts.recover_swap(out / "adapter")
+    ckpts.clean_staging(out)
+    ckpts.clean_staging(checkpoint_dir)
     set_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision)
     prepared = prepare(cfg.data, tokenizer, seed=cfg.train.seed)
+    base_dir = resolve_model(cfg.model.name, cfg.model.revision)
+    state = {"base_fingerprint": base_fingerprint(base_dir), "data_fingerprint": prepared.fingerprint,
+             "config": ckpts.flatten(config_to_dict(cfg))}
+    start_from = resume_point(out, checkpoint_dir, state, resume=resume, force=force_resume)
+    save_config(cfg, out / "config.yaml")
+    ckpts.write_run_state(out, status="running", **state)
+
     model = load_base(cfg.model.name, dtype=cfg.model.dtype, quantize_4bit=cfg.method.name == "qlora",
                       revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
                       trust_remote_code=cfg.model.trust_remote_code)
@@ -60,18 +78,26 @@ def train(cfg: RunConfig, *, resume: bool = False, register: bool | None = None)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    counter = TokenCounter(build_collator(tokenizer, packing=cfg.data.packing))
-    trainer = Trainer(
+    stop = ckpts.GracefulStop()
+    trainer = SafeTrainer(
         model=model,
-        args=training_arguments(cfg, out / "checkpoints", has_eval=prepared.eval is not None,
+        args=training_arguments(cfg, checkpoint_dir, has_eval=prepared.eval is not None,
                                 bf16=resolve_dtype(cfg.model.dtype) == torch.bfloat16),
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
-        data_collator=counter,
+        data_collator=build_collator(tokenizer, packing=cfg.data.packing),
+        processing_class=tokenizer,
+        callbacks=[StopOnSignal(stop)],
     )
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=latest_checkpoint(out / "checkpoints") if resume else None)
+    with stop:
+        trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
     wall = time.perf_counter() - started
+    if stop.requested:
+        ckpts.write_run_state(out, status="interrupted", step=trainer.state.global_step, **state)
+        raise ckpts.TrainingInterrupted(
+            f"training stopped by {stop.requested} at step {trainer.state.global_step}; checkpoint saved in "
+            f"{ckpts.latest_complete_checkpoint(checkpoint_dir)}. Resume with the same command plus --resume")
     eval_loss = trainer.evaluate()["eval_loss"] if prepared.eval is not None else None
 
     metrics = {
@@ -81,8 +107,9 @@ def train(cfg: RunConfig, *, resume: bool = False, register: bool | None = None)
         "eval_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
-        "tokens_trained": counter.tokens,
-        "tokens_per_second": counter.tokens / wall if wall > 0 else None,
+        "resumed_from_step": int(start_from.name.split("-")[-1]) if start_from else None,
+        "tokens_trained": trainer.tokens_seen,
+        "tokens_per_second": trainer.tokens_seen / wall if wall > 0 else None,
         "wall_time_s": wall,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -92,12 +119,11 @@ def train(cfg: RunConfig, *, resume: bool = False, register: bool | None = None)
         "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
         "data": prepared.stats,
     }
-    base_dir = resolve_model(cfg.model.name, cfg.model.revision)
     lineage = {
         "peftkit_version": __version__,
         "method": cfg.method.name,
         "base_model": cfg.model.name,
-        "base_fingerprint": base_fingerprint(base_dir),
+        "base_fingerprint": state["base_fingerprint"],
         "base_config": base_config_dict(base_dir),
         "data_fingerprint": prepared.fingerprint,
         "config": config_to_dict(cfg),
@@ -108,11 +134,33 @@ def train(cfg: RunConfig, *, resume: bool = False, register: bool | None = None)
     adapter_dir = save_adapter(model, tokenizer, out / "adapter", cfg, lineage)
     write_json(out / "metrics.json", metrics)
     plot_losses(trainer.state.log_history, out / "loss.png")
+    ckpts.write_run_state(out, status="finished", step=trainer.state.global_step, **state)
 
     ref = None
     if cfg.registry.register if register is None else register:
         ref = register_run(out, cfg)
-    return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, registry_ref=ref)
+    return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, registry_ref=ref, model=model)
+
+
+def resume_point(out: Path, checkpoint_dir: Path, state: dict, *, resume: bool, force: bool) -> Path | None:
+    """Return the checkpoint to continue from (None for a fresh start), refusing a resume that changes what is trained."""
+    previous = ckpts.read_run_state(out)
+    latest = ckpts.latest_complete_checkpoint(checkpoint_dir)
+    interrupted = previous is not None and previous.get("status") != "finished" and latest is not None
+    if resume and latest is None:
+        raise PeftkitError(f"--resume: there is no complete checkpoint in {checkpoint_dir}; run without --resume to start")
+    if not (resume or interrupted):
+        if checkpoint_dir.exists():  # a finished run's checkpoints would confuse a new one
+            shutil.rmtree(checkpoint_dir)
+        return None
+    if previous is not None:
+        diffs = ckpts.resume_differences(previous, state)
+        if diffs and not force:
+            raise ckpts.ResumeMismatch(
+                f"cannot resume {out}: this run differs from the interrupted one in " + "; ".join(diffs) +
+                ". Restore the original settings, pick a new train.output_dir, or pass --force-resume")
+    log.info("resuming from %s%s", latest, "" if resume else " (an interrupted run was found in the output dir)")
+    return latest
 
 
 # ---------------------------------------------------------------- steps
@@ -136,7 +184,7 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, 
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -149,21 +197,9 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, 
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
-
-
-class TokenCounter:
-    """Collator wrapper that counts the real (non-pad) tokens handed to the model."""
-
-    def __init__(self, collate):
-        self.collate = collate
-        self.tokens = 0
-
-    def __call__(self, rows):
-        batch = self.collate(rows)
-        self.tokens += sum(len(row["input_ids"]) for row in rows)
-        return batch
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -184,15 +220,6 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> str | None:
-    """Return the newest checkpoint folder, or None when there is none."""
-    if not checkpoint_dir.is_dir():
-        return None
-    found = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    return str(found[-1]) if found else None
 
 
 def last_logged(history: list[dict], key: str):
@@ -218,21 +245,16 @@ def base_fingerprint(base_dir: Path) -> str | None:
 
 def save_adapter(model, tokenizer, target: Path, cfg: RunConfig, lineage: dict) -> Path:
     """Write the adapter, tokenizer, lineage and model card to target atomically; return target."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     for conf in getattr(model, "peft_config", {}).values():
         conf.base_model_name_or_path = cfg.model.name  # what the user typed, not a cache path
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / "peftkit.json", lineage)
-    (tmp / "README.md").write_text(model_card(cfg, lineage), encoding="utf-8")
-    _fsync_tree(tmp)
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        write_json(folder / "peftkit.json", lineage)
+        (folder / "README.md").write_text(model_card(cfg, lineage), encoding="utf-8")
+
+    return ckpts.write_staged(target, write, what="adapter")
 
 
 def model_card(cfg: RunConfig, lineage: dict) -> str:
@@ -321,10 +343,3 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())

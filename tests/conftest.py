@@ -64,7 +64,7 @@ def tiny_model_dir(tmp_path_factory, bundled_dir) -> Path:
 
     tok = AutoTokenizer.from_pretrained(bundled_dir)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512, initializer_range=0.2,
                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PeftkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

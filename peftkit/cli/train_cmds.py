@@ -11,6 +11,8 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="fine-tune an adapter from a YAML config")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume even though the data, config or base model changed since the checkpoint")
     p.add_argument("--no-register", action="store_true", help="do not add the adapter to the registry")
     p.set_defaults(func=cmd_train)
 
@@ -60,7 +62,8 @@ def cmd_train(args) -> int:
 
     _logging()
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume, register=False if args.no_register else None)
+    result = train(cfg, resume=args.resume, force_resume=args.force_resume,
+                   register=False if args.no_register else None)
     m = result.metrics
     print(f"adapter: {result.adapter_dir}")
     print(f"train loss {m['train_loss_first']} -> {m['train_loss']}, eval loss {m['eval_loss']}, "

@@ -1,0 +1,100 @@
+"""The transformers Trainer with crash-safe checkpoints, a token count, and a graceful-stop callback."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from transformers import Trainer, TrainerCallback
+
+from peftkit.checkpoints import MARKER, DiskFullError, fsync_dir, fsync_tree, is_complete
+
+
+class SafeTrainer(Trainer):
+    """Trainer whose checkpoints appear only when complete: staged, fsynced, stamped, renamed."""
+
+    _staging_root: Path | None = None
+    tokens_seen: int = 0
+    """Real (non-pad) tokens fed to training steps, for tokens-per-second."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        ids = inputs["input_ids"]
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        self.tokens_seen += int((ids != pad).sum()) if pad is not None else ids.numel()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _get_output_dir(self, trial):
+        if self._staging_root is not None:
+            return str(self._staging_root)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging_root = run_dir / f".staging-{os.getpid()}"
+        shutil.rmtree(self._staging_root, ignore_errors=True)
+        try:
+            super()._save_checkpoint(model, trial)  # writes into the staging root, not the run dir
+            staged = self._staging_root / name
+            pause = float(os.environ.get("PEFTKIT_FAULT_SAVE_PAUSE", "0"))  # fault-injection hook for kill tests
+            if pause:
+                time.sleep(pause)
+            (staged / MARKER).write_text(json.dumps({"step": self.state.global_step, "saved_at": time.time()}))
+            fsync_tree(staged)
+            final = run_dir / name
+            if final.exists():  # re-saving a step after a resume: hide the old copy first
+                _remove(final)
+            os.rename(staged, final)
+            fsync_dir(run_dir)
+        except Exception as exc:
+            if _is_disk_full(exc):
+                raise DiskFullError(
+                    f"no space left on the disk while saving {run_dir / name}; the previous checkpoints and the adapter "
+                    f"are intact. Free some space and run the same command with --resume") from None
+            raise
+        finally:
+            shutil.rmtree(self._staging_root, ignore_errors=True)
+            self._staging_root = None
+        self._rotate(run_dir)
+
+    def _rotate(self, run_dir: Path) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        complete = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_complete(p)),
+                          key=lambda p: int(p.name.split("-")[-1]))
+        for old in complete[:-limit]:
+            _remove(old)
+
+
+def _remove(folder: Path) -> None:
+    # Rename first so a kill during the delete never leaves a half-deleted folder that still looks complete.
+    hidden = folder.with_name(f".deleting-{folder.name}-{os.getpid()}")
+    os.rename(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class StopOnSignal(TrainerCallback):
+    """After a SIGINT/SIGTERM, save a checkpoint at the end of the current step and stop."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
