@@ -1,25 +1,38 @@
 """Fine-tuning methods: METHODS maps the name users type to a builder; load_adapter reads any of them back.
 
 Every builder takes the base model and the method section of the config and returns the
-model to train, with only the method's parameters trainable.
+model to train, with only the method's parameters trainable. Every returned model saves
+itself with `save_pretrained(dir, safe_serialization=True)` into adapter_config.json plus
+safetensors, and `load_adapter` dispatches on the `peft_type` written there.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from peftkit.errors import PeftkitError
-from peftkit.methods import lora
+from peftkit.methods import bottleneck, full, ia3, lora, prompt
+from peftkit.methods.errors import MethodError
 
 METHODS = {
     "lora": lora.build,
     "dora": lora.build_dora,
-    "qlora": lora.build,  # the 4-bit base is loaded by models.load_base(quantize_4bit=True)
+    "qlora": lora.build_qlora,  # the 4-bit base is loaded by models.load_base(quantize_4bit=True)
+    "prefix": prompt.build_prefix,
+    "prompt": prompt.build_prompt,
+    "ia3": ia3.build,
+    "bottleneck": bottleneck.build,
+    "full": full.build,
 }
 
+# peft_type in adapter_config.json -> loader for the types peft itself cannot read back.
+LOADERS = {
+    bottleneck.PEFT_TYPE: bottleneck.load,
+    full.PEFT_TYPE: full.load,
+    "PREFIX_TUNING": prompt.load,
+    "PROMPT_TUNING": prompt.load,
+}
 
-class MethodError(PeftkitError):
-    """A method cannot be built or an adapter cannot be loaded."""
+__all__ = ["METHODS", "MethodError", "build_method", "load_adapter", "read_adapter_config", "read_adapter_meta"]
 
 
 def build_method(model, method_cfg):
@@ -27,8 +40,19 @@ def build_method(model, method_cfg):
     try:
         builder = METHODS[method_cfg.name]
     except KeyError:
-        raise MethodError(f"method.name={method_cfg.name!r} is not available yet; choose one of {', '.join(METHODS)}") from None
+        raise MethodError(f"method.name={method_cfg.name!r} is unknown; choose one of {', '.join(METHODS)}") from None
     return builder(model, method_cfg)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """Return adapter_config.json of an adapter folder as a dict."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise MethodError(f"{adapter_dir} holds no adapter_config.json: pass the adapter folder (e.g. runs/NAME/adapter)")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MethodError(f"{config_file} is not valid JSON ({exc}); the adapter folder is damaged, save it again") from None
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
@@ -37,10 +61,7 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     meta_file = adapter_dir / "peftkit.json"
     if meta_file.is_file():
         return json.loads(meta_file.read_text(encoding="utf-8"))
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise MethodError(f"{adapter_dir} holds no adapter_config.json: pass the adapter folder (e.g. runs/NAME/adapter)")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = read_adapter_config(adapter_dir)
     return {"base_model": config.get("base_model_name_or_path"), "method": str(config.get("peft_type", "")).lower(), "config": {}}
 
 
@@ -49,6 +70,8 @@ def load_adapter(model, adapter_dir: str | Path, *, adapter_name: str = "default
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise MethodError(f"{adapter_dir} holds no adapter_config.json: pass the adapter folder (e.g. runs/NAME/adapter)")
+    peft_type = str(read_adapter_config(adapter_dir).get("peft_type", ""))
+    loader = LOADERS.get(peft_type)
+    if loader is not None:
+        return loader(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
     return PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)

@@ -1,0 +1,84 @@
+"""Full fine-tuning: every weight trains; the reference the parameter-efficient methods are judged against.
+
+The "adapter" is the whole model: save_pretrained writes config.json and model.safetensors
+(the standard transformers layout) plus an adapter_config.json marker with peft_type
+PEFTKIT_FULL, so run folders, `peftkit generate --adapter` and load_adapter treat it like
+any other method. It cannot be disabled: the base weights themselves changed.
+"""
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+from peftkit.methods.errors import MethodError
+
+PEFT_TYPE = "PEFTKIT_FULL"
+CONFIG_NAME = "adapter_config.json"
+
+
+def build(model, method_cfg):
+    """Return the base model with every parameter trainable and a save_pretrained that marks the folder."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        raise MethodError("method.name='full' cannot train a quantized base (4-bit weights have no gradients): "
+                          "load the base in fp32 or bf16, or use method.name=qlora")
+    model.requires_grad_(True)
+    return _mark(model)
+
+
+def load(model, adapter_dir: Path, *, adapter_name: str = "default", is_trainable: bool = False):
+    """Return the base model carrying the fine-tuned weights saved in adapter_dir."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    index = adapter_dir / "model.safetensors.index.json"
+    if index.is_file():  # large models are saved in shards
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    missing_files = [f for f in files if not (adapter_dir / f).is_file()]
+    if missing_files:
+        raise MethodError(f"{adapter_dir} is a full fine-tune folder without {', '.join(missing_files)}; save it again")
+    state = {}
+    for name in files:
+        state.update(load_file(str(adapter_dir / name), device=str(next(model.parameters()).device)))
+    result = model.load_state_dict(state, strict=False)
+    tied = _tied_names(model)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise MethodError(f"{adapter_dir} does not fit this base model (missing {missing[:3]}, unexpected "
+                          f"{result.unexpected_keys[:3]}): load it on the base it was fine-tuned from")
+    model.requires_grad_(is_trainable)
+    return _mark(model)
+
+
+def save_pretrained(model, save_directory, **kwargs) -> None:
+    """Write the whole model (config.json, model.safetensors) and the PEFTKIT_FULL marker into save_directory."""
+    type(model).save_pretrained(model, save_directory, **kwargs)
+    marker = {"peft_type": PEFT_TYPE, "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+              "weights": "model.safetensors"}
+    (Path(save_directory) / CONFIG_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def _mark(model):
+    # Per instance, not per class: the Trainer's checkpoints and train.save_adapter both call
+    # model.save_pretrained, and the model must stay its own transformers class for everything else.
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+    model.disable_adapter = types.MethodType(_cannot_disable, model)
+    return model
+
+
+def _cannot_disable(model):
+    raise MethodError("a full fine-tune has no adapter to disable: its weights replaced the base's. "
+                      "To compare with the base, load the base model without --adapter")
+
+
+def _tied_names(model) -> set[str]:
+    """Return parameter names that share storage with an earlier one (saved once, e.g. tied lm_head)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.setdefault(id(param), name)
+    return tied

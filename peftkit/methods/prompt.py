@@ -1,0 +1,115 @@
+"""Prefix tuning and prompt tuning through peft, with a generate that works on transformers 5.
+
+peft 0.21's own generate for these methods hands the learned prefix to the model as
+`past_key_values` and reads `cache_position`; transformers 5 names the cache `cache` and
+no longer passes `cache_position`, so the prefix was silently dropped (prefix tuning
+generated as the base model) and left-padded prompts got shifted positions. Our subclass
+generates through the base model's own `generate` instead: the virtual tokens go in as a
+pre-filled cache (prefix) or as leading input embeddings (prompt), and position ids come
+from the attention mask, exactly as in the training forward pass.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel, PeftModelForCausalLM, PeftType
+
+from peftkit.methods.errors import MethodError
+
+
+class PromptLearningCausalLM(PeftModelForCausalLM):
+    """A peft prefix/prompt-tuning model whose generate injects the virtual tokens the transformers 5 way."""
+
+    _peftkit_disabled = False
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the block with the virtual tokens switched off (generate included)."""
+        with super().disable_adapter():
+            self._peftkit_disabled = True
+            try:
+                yield
+            finally:
+                self._peftkit_disabled = False
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """Return the generated sequences (prompt ids followed by new ids), like the base model's generate."""
+        base = self.get_base_model()
+        if self._peftkit_disabled or input_ids is None:
+            return base.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        config = self.active_peft_config
+        n, batch = config.num_virtual_tokens, input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        ones = torch.ones(batch, n, dtype=attention_mask.dtype, device=attention_mask.device)
+        # Placeholder ids stand where the virtual tokens sit; generate never embeds them (cache or embeds cover them).
+        filler = torch.zeros(batch, n, dtype=input_ids.dtype, device=input_ids.device)
+        if config.peft_type == PeftType.PREFIX_TUNING:
+            kwargs["cache"] = self.get_prompt(batch_size=batch)
+        else:
+            embeds = self.word_embeddings(input_ids)
+            kwargs["inputs_embeds"] = torch.cat([self.get_prompt(batch_size=batch).to(embeds.dtype), embeds], dim=1)
+        out = base.generate(input_ids=torch.cat([filler, input_ids], dim=1),
+                            attention_mask=torch.cat([ones, attention_mask], dim=1), **kwargs)
+        if isinstance(out, torch.Tensor):
+            return out[:, n:]
+        out.sequences = out.sequences[:, n:]
+        return out
+
+
+def build_prefix(model, method_cfg):
+    """Return the model with learned key/value prefixes in every layer (optionally through an MLP)."""
+    from peft import PrefixTuningConfig, TaskType
+
+    config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=method_cfg.num_virtual_tokens,
+                                prefix_projection=method_cfg.prefix_projection,
+                                encoder_hidden_size=model.config.hidden_size)
+    return _wrap(model, config)
+
+
+def build_prompt(model, method_cfg):
+    """Return the model with learned soft-prompt embeddings, initialized from a text or from sampled vocabulary.
+
+    Without a text we start from the embeddings of random vocabulary tokens (Lester et al. 2021
+    found this far better than random vectors): peft's plain random start draws N(0, 1) vectors,
+    seven times the scale of SmolLM2's word embeddings (std 0.14), and the first loss jumps above the base's.
+    """
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType
+
+    text = method_cfg.prompt_init_text
+    if text is not None and not text.strip():
+        raise MethodError("method.prompt_init_text is empty; give a short task description such as "
+                          "'Answer the customer's question politely', or leave it unset for a random start")
+    extra = {"prompt_tuning_init": PromptTuningInit.SAMPLE_VOCAB}
+    if text:
+        tokenizer_dir = Path(getattr(model, "name_or_path", "") or "")
+        if not (tokenizer_dir / "tokenizer_config.json").is_file():
+            raise MethodError(f"method.prompt_init_text needs the base model's tokenizer, but {str(tokenizer_dir)!r} holds "
+                              "none; load the base through peftkit.models.load_base or unset method.prompt_init_text")
+        extra = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": text,
+                 "tokenizer_name_or_path": str(tokenizer_dir)}
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=method_cfg.num_virtual_tokens, **extra)
+    return _wrap(model, config)
+
+
+def load(model, adapter_dir: Path, *, adapter_name: str = "default", is_trainable: bool = False):
+    """Return the base model with a saved prefix- or prompt-tuning adapter attached."""
+    config = PeftConfig.from_pretrained(adapter_dir)
+    # Text initialization re-reads the tokenizer when loading for more training; the adapter folder carries one.
+    tok = getattr(config, "tokenizer_name_or_path", None)
+    if tok and not Path(tok).is_dir() and (adapter_dir / "tokenizer_config.json").is_file():
+        config.tokenizer_name_or_path = str(adapter_dir)
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable,
+                                           config=config)
+    peft_model.__class__ = PromptLearningCausalLM  # same object and state, only generate and disable_adapter differ
+    return peft_model
+
+
+def _wrap(model, config):
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config)
+    peft_model.__class__ = PromptLearningCausalLM  # same object and state, only generate and disable_adapter differ
+    return peft_model
