@@ -39,7 +39,9 @@ def tokenizer_digest(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = {"class": type(tokenizer).__name__, "bos": tokenizer.bos_token, "eos": tokenizer.eos_token,
-             "special": sorted(map(str, tokenizer.all_special_tokens)), "added": sorted(tokenizer.get_added_vocab().items()),
+             # The pad token is left out: padding happens in the collator, never in the cached data.
+             "special": sorted(set(map(str, tokenizer.all_special_tokens)) - {str(tokenizer.pad_token)}),
+             "added": sorted(tokenizer.get_added_vocab().items()),
              "chat_template": getattr(tokenizer, "chat_template", None)}
     return hashlib.sha256(body.encode() + json.dumps(extra, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -57,15 +57,18 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42, *, progress: bool =
             raise DataError(f"{f}: no such file or folder; check data.path / data.sources / data.eval_path "
                             f"(relative paths start from {Path.cwd()})")
     template_file = cfg.chat_template if cfg.chat_template and Path(cfg.chat_template).is_file() else None
-    settings = {"sources": [vars(s) for s in sources], "eval_path": cfg.eval_path, "eval_fraction": cfg.eval_fraction,
-                "system_prompt": cfg.system_prompt, "chat_template": cfg.chat_template,
-                "chat_template_file": cache.file_digest(template_file) if template_file else None,
+    # Paths stay out of the fingerprint (file contents are in it), so moved or renamed data keeps its identity.
+    settings = {"sources": [{"weight": s.weight, "format": s.format, "columns": s.columns} for s in sources],
+                "eval_file": bool(cfg.eval_path), "eval_fraction": cfg.eval_fraction, "system_prompt": cfg.system_prompt,
+                "chat_template": cache.file_digest(template_file) if template_file else cfg.chat_template,
                 "train_on_inputs": cfg.train_on_inputs, "max_seq_length": cfg.max_seq_length,
                 "length_policy": cfg.length_policy, "packing": cfg.packing, "seed": seed}
     fp = cache.fingerprint(files, tokenizer, settings)
     entry = cache.cache_entry(Path(cfg.cache_dir).expanduser() if cfg.cache_dir else peftkit_home() / "cache" / "data", fp)
     if use_cache and (hit := cache.load_cached(entry)) is not None:
         train, evaluation, stats = hit
+        for source, known in zip(sources, stats["sources"]):
+            known["path"] = source.path  # the same contents may now live elsewhere
         log.info("using cached tokenized data %s", entry)
         return PreparedData(train, evaluation, {**stats, "cached": True}, fp)
 

@@ -74,3 +74,11 @@ def test_cache_dir_setting_and_tokenizer_in_fingerprint(write, tokenizer, llama3
     ours = prepare(data_cfg(path, cache_dir=str(tmp_path / "c")), tokenizer, progress=False)
     assert (tmp_path / "c" / ours.fingerprint.split(":")[1]).is_dir()
     assert prepare(data_cfg(path), llama3_tokenizer, progress=False).fingerprint != ours.fingerprint
+
+
+def test_moved_data_keeps_its_fingerprint(write, tokenizer, tmp_path):
+    rows = [chat(f"q{i}", f"a{i}") for i in range(3)]
+    first = prepare(data_cfg(write("train.jsonl", rows)), tokenizer, progress=False)
+    moved = prepare(data_cfg(write("renamed.jsonl", rows)), tokenizer, progress=False)
+    assert moved.fingerprint == first.fingerprint and moved.stats["cached"] is True
+    assert moved.stats["sources"][0]["path"] == str(tmp_path / "renamed.jsonl")
