@@ -1,0 +1,345 @@
+"""The HTTP layer: OpenAI-compatible routes over an Engine, with auth, limits, errors and metrics. No model code.
+
+    app = create_app(Engine(...).start(), ServerSettings(api_key="..."))
+
+Every route but /health needs `Authorization: Bearer KEY` when a key is set (compared in constant
+time). POST bodies are read whole up to a size limit before any route sees them. Generation
+requests past the concurrency limit get 429 with Retry-After. A client that disconnects cancels
+its generation, streamed or not.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from peftkit.serving import openai_schema as oai
+from peftkit.serving.errors import (ContextLengthError, EngineUnavailableError, GenerationFailedError, InvalidRequestError,
+                                    OverloadedError, ServingError, UnknownModelError, UnsupportedAdapterError)
+from peftkit.serving.metrics import Metrics, route_label
+
+# (error class, HTTP status, OpenAI error type, code); the first match wins.
+ERRORS = (
+    (UnknownModelError, 404, "invalid_request_error", "model_not_found"),
+    (UnsupportedAdapterError, 400, "invalid_request_error", "model_not_supported"),
+    (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
+    (InvalidRequestError, 400, "invalid_request_error", None),
+    (OverloadedError, 429, "requests", "rate_limit_exceeded"),
+    (EngineUnavailableError, 503, "server_error", "engine_unavailable"),
+    (GenerationFailedError, 500, "server_error", None),
+    (ServingError, 400, "invalid_request_error", None),
+)
+PUBLIC = ("/health",)
+
+
+@dataclass
+class ServerSettings:
+    """HTTP-side limits and auth."""
+
+    api_key: str | None = None
+    """Bearer key required on every route but /health; None serves without authentication (loopback only)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted; larger ones get 413."""
+    max_concurrent: int = 64
+    """Generation requests admitted at once (running or queued); more get 429 with Retry-After."""
+    retry_after_s: int = 1
+    """Seconds a client refused with 429 is told to wait."""
+    max_adapter_labels: int = 32
+    """Distinct adapter names given their own metrics label; the rest count as "other"."""
+
+
+def error_response(exc: ServingError) -> JSONResponse:
+    """Return the OpenAI-shaped error response and status for a ServingError."""
+    status, type_, code = next((s, t, c) for cls, s, t, c in ERRORS if isinstance(exc, cls))
+    return JSONResponse(oai.error_body(str(exc), type_, exc.param, code), status_code=status)
+
+
+def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
+    """Return the FastAPI app serving `engine` with the given auth and limits."""
+    settings = settings or ServerSettings()
+    metrics = Metrics(engine, settings.max_adapter_labels)
+    app = FastAPI(title="peftkit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
+    limiter = {"in_flight": 0}
+    created = int(time.time())
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(request: Request, exc: ServingError):
+        response = error_response(exc)
+        if isinstance(exc, OverloadedError):
+            response.headers["Retry-After"] = str(settings.retry_after_s)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(oai.error_body("The request body is not valid JSON", "invalid_request_error"), 400)
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(where) or None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(oai.error_body(message, "invalid_request_error", param), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = "Not found: see /v1/models, /v1/chat/completions, /v1/completions" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(oai.error_body(message, "invalid_request_error"), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        return JSONResponse(oai.error_body("The server had an error while processing your request", "server_error"), 500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not engine.ready:
+            return error_response(EngineUnavailableError("the model is not loaded yet, or the engine stopped"))
+        return {"status": "ready", "model": engine.served_name}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        _require_ready(engine)
+        models = await run_in_threadpool(engine.list_models)
+        return {"object": "list", "data": [_model_card(m, engine.served_name, created) for m in models]}
+
+    @app.get("/v1/models/{model}")
+    async def get_model(model: str):
+        _require_ready(engine)
+        models = await run_in_threadpool(engine.list_models)
+        found = next((m for m in models if m["id"] == model), None)
+        if found is None:
+            raise UnknownModelError(f"The model `{model}` does not exist", param="model")
+        return _model_card(found, engine.served_name, created)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: oai.ChatCompletionRequest, request: Request):
+        return await _generate("chat", body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: oai.CompletionRequest, request: Request):
+        return await _generate("text", body, request)
+
+    async def _generate(kind: str, body, request: Request):
+        started = time.perf_counter()
+        route = request.url.path
+        if limiter["in_flight"] >= settings.max_concurrent:
+            metrics.rejected.labels("concurrency").inc()
+            raise OverloadedError(f"the server is at its limit of {settings.max_concurrent} concurrent requests; "
+                                  f"retry after {settings.retry_after_s} s")
+        limiter["in_flight"] += 1
+        metrics.in_flight.inc()
+        state = {"released": False}
+
+        def release():
+            if not state["released"]:
+                state["released"] = True
+                limiter["in_flight"] -= 1
+                metrics.in_flight.dec()
+
+        try:
+            _require_ready(engine)
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+
+            def on_event(event):  # called on the engine's thread
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+                except RuntimeError:  # the loop is closed: the server is shutting down
+                    pass
+
+            handle = await run_in_threadpool(engine.submit, body.to_engine(), on_event)
+        except BaseException:
+            release()
+            raise
+        run = _Run(kind, oai.new_id(kind), body.model, handle, queue, metrics, route, started)
+        if body.stream:
+            return StreamingResponse(run.sse(body.include_usage, release), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            text, last = await run.collect(request)
+        finally:
+            release()
+        if last is None:  # the client left; nobody reads this
+            return Response(status_code=499)
+        if last.error is not None:
+            raise last.error
+        return JSONResponse(oai.completion_body(kind, run.rid, body.model, text, last.finish_reason,
+                                                handle.prompt_tokens, last.completion_tokens))
+
+    return app
+
+
+class _Run:
+    """One generation request on the HTTP side: reads its engine events, streams or collects them, counts them."""
+
+    def __init__(self, kind, rid, model, handle, queue, metrics, route, started):
+        self.kind, self.rid, self.model, self.handle, self.queue = kind, rid, model, handle, queue
+        self.metrics, self.route, self.started, self.first = metrics, route, started, True
+
+    def _seen(self, event) -> None:
+        if self.first and event.text:
+            self.first = False
+            self.metrics.ttft.labels(self.route).observe(time.perf_counter() - self.started)
+        if event.finish_reason:
+            self.metrics.record_generation(self.handle.profile.name, event.finish_reason, self.handle.prompt_tokens,
+                                           event.completion_tokens)
+
+    async def collect(self, request: Request):
+        """Return (text, last event), or ("", None) after cancelling when the client disconnects first."""
+        parts = []
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            while True:
+                get = asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    self.handle.cancel()
+                    return "", None
+                event = get.result()
+                self._seen(event)
+                parts.append(event.text)
+                if event.finish_reason:
+                    return "".join(parts), event
+        finally:
+            gone.cancel()
+
+    async def sse(self, include_usage: bool, release):
+        """Yield server-sent events: chunks, a final chunk with finish_reason, optional usage, then [DONE]."""
+        try:
+            if self.kind == "chat":
+                yield _data(oai.chunk_body("chat", self.rid, self.model, "", None, first=True))
+            while True:
+                event = await self.queue.get()
+                self._seen(event)
+                if event.error is not None:
+                    status, type_, code = next((s, t, c) for cls, s, t, c in ERRORS if isinstance(event.error, cls))
+                    yield _data(oai.error_body(str(event.error), type_, event.error.param, code))
+                    break
+                if event.text:
+                    yield _data(oai.chunk_body(self.kind, self.rid, self.model, event.text, None))
+                if event.finish_reason:
+                    yield _data(oai.chunk_body(self.kind, self.rid, self.model, None, event.finish_reason))
+                    if include_usage:
+                        yield _data(oai.usage_chunk(self.kind, self.rid, self.model, self.handle.prompt_tokens,
+                                                    event.completion_tokens))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # also runs when the client disconnects and Starlette cancels the stream
+            if not self.handle.done.is_set():
+                self.handle.cancel()
+            release()
+
+
+def _data(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _require_ready(engine) -> None:
+    if not engine.ready:
+        raise EngineUnavailableError("the model is still loading; poll /ready")
+
+
+def _model_card(m: dict[str, Any], base: str, created: int) -> dict[str, Any]:
+    return {"id": m["id"], "object": "model", "created": created, "owned_by": "peftkit",
+            "root": m["ref"] or m["id"], "parent": None if m["ref"] is None else base,
+            "method": m["method"], "domain": m["domain"], "tags": m["tags"]}
+
+
+class Guard:
+    """ASGI middleware: API key on every route but /health, a body size limit, and HTTP metrics."""
+
+    def __init__(self, app, settings: ServerSettings, metrics: Metrics):
+        self.app = app
+        self.limit = settings.max_body_bytes
+        self.metrics = metrics
+        self.key_digest = hashlib.sha256(settings.api_key.encode()).digest() if settings.api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route, started, status = route_label(scope["path"]), time.perf_counter(), [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.key_digest is not None and scope["path"] not in PUBLIC and not self._authorized(scope):
+                body = oai.error_body("Incorrect or missing API key; send it as 'Authorization: Bearer KEY'",
+                                      "invalid_request_error", None, "invalid_api_key")
+                return await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_and_note)
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await self._read_body(scope, receive)
+                if body is None:
+                    error = oai.error_body(f"The request body is larger than {self.limit} bytes", "invalid_request_error",
+                                           None, "request_too_large")
+                    return await JSONResponse(error, 413)(scope, receive, send_and_note)
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            token = b""
+        # Digests of equal length: the comparison time says nothing about the key or its length.
+        return hmac.compare_digest(hashlib.sha256(token.strip()).digest(), self.key_digest)
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:  # a client may lie about, or omit, Content-Length
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: wait for the client to disconnect
+    return replayed

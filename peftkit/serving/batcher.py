@@ -1,0 +1,132 @@
+"""Continuous batching: rows (requests being generated) share forward passes, joining and leaving per step.
+
+A Lane is a set of rows that run one forward together: their prompts left-padded to one width,
+one KV cache, one 2-D attention mask, and per-row position ids. Rows join a running lane by
+prefilling on their own cache, which is then padded on the left and stacked under the lane's;
+rows leave by selecting the remaining batch indices, and columns that only padding still uses
+are trimmed away. Pad columns are masked out of attention and every row keeps its own
+positions, so what a row generates does not depend on its batch-mates (a test holds us to it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+# forward(input_ids, attention_mask, position_ids, cache, adapter_names) -> logits of the last position [B, V]
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, list[str]], torch.Tensor]
+
+
+@dataclass(eq=False)
+class Row:
+    """One request being generated: its prompt, sampling settings and what it has produced so far."""
+
+    prompt_ids: list[int]
+    adapter: str
+    """peft adapter name for this row, or "__base__" for the base model."""
+    max_tokens: int
+    stop_ids: frozenset[int]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    position: int = 0
+    """Position id of the next token fed to the model (the number of real tokens it has seen)."""
+    pinned: bool = False
+    """The row holds a pin on its adapter in the cache (released when it finishes)."""
+    owner: Any = None
+    """The engine's bookkeeping for this row (handle, text emitted, ...)."""
+
+
+class Lane:
+    """Rows sharing one KV cache and one forward per step."""
+
+    def __init__(self, forward: Forward, pad_id: int, device: torch.device | str = "cpu"):
+        self.forward = forward
+        self.pad_id = pad_id
+        self.device = device
+        self.rows: list[Row] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None
+
+    def add(self, rows: list[Row]) -> torch.Tensor:
+        """Return the next-token logits of the new rows after prefilling their prompts into the lane."""
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self.forward(ids, mask, positions, cache, [r.adapter for r in rows])
+        for r in rows:
+            r.position = len(r.prompt_ids)
+        self._stack(rows, cache, mask)
+        return logits
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Return the next-token logits of every row after feeding each row its latest token."""
+        ids = torch.tensor([[t] for t in tokens], device=self.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        positions = torch.tensor([[r.position] for r in self.rows], device=self.device)
+        logits = self.forward(ids, self.mask, positions, self.cache, [r.adapter for r in self.rows])
+        for r in self.rows:
+            r.position += 1
+        return logits
+
+    def remove(self, leaving: list[Row]) -> None:
+        """Drop rows from the lane (finished or cancelled), freeing their part of the cache."""
+        gone = {id(r) for r in leaving}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask = self.mask[index]
+        first = int((self.mask.sum(0) > 0).nonzero()[0])  # columns before this are padding for every row left
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+
+    def _stack(self, rows: list[Row], cache, mask: torch.Tensor) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))])
+        self.rows.extend(rows)
+
+
+def _left_pad(kv: torch.Tensor, width: int) -> torch.Tensor:
+    # kv is [batch, heads, seq, head_dim]; zeros (not garbage) so masked columns stay finite.
+    return F.pad(kv, (0, 0, width - kv.shape[2], 0))
+
+
+def pick_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int]:
+    """Return each row's next token: argmax at temperature 0, else a sample from its own generator."""
+    chosen = logits.argmax(dim=-1).tolist()
+    for i, row in enumerate(rows):
+        if row.temperature > 0:
+            chosen[i] = sample(logits[i], row.temperature, row.top_p, row.generator)
+    return chosen
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Return one token drawn from softmax(logits / temperature), restricted to the top_p nucleus."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[outside] = 0.0
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))

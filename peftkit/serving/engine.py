@@ -1,0 +1,436 @@
+"""The serving engine: one base model, an LRU of adapters, and a worker thread that batches every request.
+
+    engine = Engine("smollm2-135m-instruct", registry="~/.peftkit/registry").start()
+    done = engine.generate(GenerationRequest(model="retail-bot:stable", messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=64, temperature=0))
+
+One worker thread owns the model. Each loop it admits waiting requests (loading their adapters
+into the shared PeftModel on a cache miss), runs one forward per lane, picks one token per row and
+hands text to each request's callback. LoRA rows for any number of adapters, and base rows, share
+one lane through peft's `adapter_names`; DoRA adapters, which peft cannot mix, get a lane each.
+A hand-written token loop (rather than `model.generate`) is what lets requests join and leave
+between steps, stop on their own stop tokens and strings, and be cancelled when a client leaves.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from peftkit.serving.adapters import BASE, AdapterCache, Profile, Resolver
+from peftkit.serving.batcher import Lane, Row, pick_tokens
+from peftkit.serving.errors import (ContextLengthError, EngineUnavailableError, GenerationFailedError, InvalidRequestError,
+                                    ServingError)
+from peftkit.serving.prompts import chat_prompt_ids, completion_prompt_ids
+from peftkit.serving.stream import TextStream
+
+log = logging.getLogger(__name__)
+MIXED = "__mixed__"  # the lane LoRA and base rows share
+
+
+@dataclass
+class GenerationRequest:
+    """One completion to generate: a model name and either chat messages or a raw prompt."""
+
+    model: str
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | list[int] | None = None
+    max_tokens: int | None = None
+    """Tokens to generate at most; None: whatever the context leaves."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Event:
+    """What a request produced since the last event; the last event has finish_reason set."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    """stop, length, cancelled or error."""
+    completion_tokens: int = 0
+    error: ServingError | None = None
+
+
+@dataclass
+class Completion:
+    """A finished request: its text, why it ended and its token counts."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+
+
+class Handle:
+    """A submitted request: its prompt size, a way to cancel it, and its events (callback or iterator)."""
+
+    def __init__(self, profile: Profile, prompt_tokens: int, on_event: Callable[[Event], None] | None):
+        self.profile = profile
+        self.prompt_tokens = prompt_tokens
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self.token_ids: list[int] = []
+        self._queue: collections.deque[Event] | None = None if on_event else collections.deque()
+        self._ready = threading.Condition()
+        self._on_event = on_event
+
+    def cancel(self) -> None:
+        """Stop generating for this request at the next step (its slot and adapter pin are freed)."""
+        self.cancelled.set()
+
+    def emit(self, event: Event) -> None:
+        """Deliver an event (called by the worker)."""
+        if self._on_event is not None:
+            self._on_event(event)
+        else:
+            with self._ready:
+                self._queue.append(event)
+                self._ready.notify_all()
+        if event.finish_reason:
+            self.done.set()
+
+    def events(self, timeout: float | None = None):
+        """Yield events until the last one (only for handles submitted without a callback)."""
+        while True:
+            with self._ready:
+                if not self._ready.wait_for(lambda: self._queue, timeout):
+                    raise TimeoutError("no event from the engine in time")
+                event = self._queue.popleft()
+            yield event
+            if event.finish_reason:
+                return
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Return the finished completion; raises the request's ServingError if it failed."""
+        parts, last = [], Event()
+        for last in self.events(timeout):
+            parts.append(last.text)
+        if last.error is not None:
+            raise last.error
+        return Completion("".join(parts), last.finish_reason, self.prompt_tokens, last.completion_tokens, self.token_ids)
+
+
+def default_served_name(base: str) -> str:
+    """Return the name clients use for the base: a local folder's (or file's) name, else what was given."""
+    path = Path(base).expanduser()
+    return (path.stem if path.is_file() else path.name) if path.exists() else base
+
+
+class Engine:
+    """One base model served with many adapters; thread-safe submit, one worker thread generating."""
+
+    def __init__(self, base: str = "smollm2-135m-instruct", *, registry: str | None = None, dtype: str = "auto",
+                 max_loaded_adapters: int = 8, max_batch_size: int = 16, served_name: str | None = None,
+                 mix_adapters: bool = True, device: str | None = None):
+        self.base = base
+        self.registry_path = registry
+        self.dtype = dtype
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.mix_adapters = mix_adapters
+        self.served_name = served_name or default_served_name(base)
+        self.cache = AdapterCache(max_loaded_adapters, self._load_adapter, self._unload_adapter)
+        self.context_length = 0
+        self.stats = collections.Counter()  # steps, rows_stepped, tokens, prompt_tokens, finished_<reason>, ...
+        self.batch_sizes: collections.Counter = collections.Counter()  # rows per forward -> forwards
+        self.error: BaseException | None = None
+        self._queue: collections.deque[tuple[Row, Handle, Profile]] = collections.deque()
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[Row, Handle, Profile]] = []
+        self._lanes: dict[str, Lane] = {}
+        self._ready = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.model = self.peft = self.tokenizer = self.resolver = None
+        self._tok_lock = threading.Lock()
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self, wait: bool = True) -> "Engine":
+        """Start the worker (it loads the model first); with wait, return once it is ready or raise its error."""
+        self._thread = threading.Thread(target=self._run, name="peftkit-engine", daemon=True)
+        self._thread.start()
+        if wait:
+            self._ready.wait()
+            if self.error is not None:
+                raise self.error
+        return self
+
+    @property
+    def ready(self) -> bool:
+        """Return True while the model is loaded and the worker is running."""
+        return self._ready.is_set() and self.error is None and not self._stopping and bool(self._thread and self._thread.is_alive())
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the worker; requests still queued or running end with an error event."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _load(self) -> None:
+        from peftkit.fingerprint import base_fingerprint
+        from peftkit.models import load_base, load_tokenizer, resolve_model
+
+        import peft  # noqa: F401 - imported now (seconds) rather than on the first adapter request
+
+        path = resolve_model(self.base)
+        self.tokenizer = load_tokenizer(self.base)
+        self._decoder = load_tokenizer(self.base)  # the worker's own copy: tokenizers are not shared across threads
+        self.model = load_base(self.base, dtype=self.dtype, device=self.device).eval()
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        self.vocab_size = int(self.model.config.vocab_size)
+        try:
+            fingerprint = base_fingerprint(path)
+        except Exception:  # noqa: BLE001 - without a fingerprint, base checks fall back to trusting the registry
+            fingerprint = None
+        self.resolver = Resolver(self.registry_path, self.served_name, fingerprint, self.tokenizer, self._tok_lock)
+
+    # ------------------------------------------------------------ requests
+
+    def submit(self, request: GenerationRequest, on_event: Callable[[Event], None] | None = None) -> Handle:
+        """Return a Handle for the queued request; raises ServingError for unknown models or bad sizes."""
+        return self.submit_batch([request], on_event)[0]
+
+    def submit_batch(self, requests: list[GenerationRequest], on_event: Callable[[Event], None] | None = None) -> list[Handle]:
+        """Return Handles for requests queued together, so the worker admits them in the same step."""
+        if not self.ready:
+            raise EngineUnavailableError("the model is still loading" if not self._ready.is_set() else "the engine has stopped")
+        staged = [self._prepare(r, on_event) for r in requests]
+        with self._cond:
+            self._queue.extend(staged)
+            self._cond.notify_all()
+        return [handle for _, handle, _ in staged]
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> Completion:
+        """Return the finished completion of one request (blocking)."""
+        return self.submit(request).result(timeout)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Return the base and every servable registry reference as {id, ref, method, ...} dicts."""
+        out = [{"id": self.served_name, "ref": None, "method": "base", "domain": None, "tags": []}]
+        entries = self.resolver.registry().list()
+        latest = {}
+        for e in entries:
+            if latest.get(e.name) is None or e.version > latest[e.name].version:
+                latest[e.name] = e
+        for e in entries:
+            if self.resolver.servable(e) is not None:
+                continue
+            ids = [f"{e.name}@{e.version}"] + [f"{e.name}:{t}" for t in e.tags] + ([e.name] if latest[e.name] is e else [])
+            out += [{"id": i, "ref": e.ref, "method": e.method, "domain": e.domain, "tags": e.tags} for i in ids]
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return the engine's counters and gauges now (safe to call from any thread)."""
+        stats = dict(self.stats)
+        return {"adapter_cache_hits": self.cache.hits, "adapter_cache_misses": self.cache.misses,
+                "adapter_cache_evictions": self.cache.evictions, "adapters_loaded": len(self.cache.loaded()),
+                "adapter_cache_capacity": self.cache.capacity, "generated_tokens": stats.get("tokens", 0),
+                "forward_passes": stats.get("steps", 0), "running_requests": self._running(),
+                "queued_requests": len(self._queue) + len(self._waiting), "engine_ready": int(self.ready),
+                "finished": {k[len("finished_"):]: v for k, v in stats.items() if k.startswith("finished_")},
+                "batch_sizes": dict(self.batch_sizes)}
+
+    def _prepare(self, request: GenerationRequest, on_event) -> tuple[Row, Handle, Profile]:
+        profile = self.resolver.resolve(request.model)
+        with self._tok_lock:
+            if request.messages is not None:
+                ids = chat_prompt_ids(self.tokenizer, request.messages, profile.system_prompt, profile.chat_template)
+                field_name = "messages"
+            else:
+                ids = completion_prompt_ids(self.tokenizer, request.prompt if request.prompt is not None else "", self.vocab_size)
+                field_name = "prompt"
+        self.check_lengths(len(ids), request.max_tokens, field_name)
+        max_tokens = request.max_tokens or self.context_length - len(ids)
+        generator = None
+        if request.temperature > 0:
+            generator = torch.Generator().manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
+        row = Row(ids, profile.key or BASE, max_tokens, profile.stop_ids, request.temperature, request.top_p, generator)
+        handle = Handle(profile, len(ids), on_event)
+        row.owner = (handle, TextStream(self._decoder, request.stop))
+        return row, handle, profile
+
+    def check_lengths(self, prompt_tokens: int, max_tokens: int | None, field_name: str) -> None:
+        """Raise InvalidRequestError when the prompt, or prompt plus max_tokens, does not fit the context."""
+        ctx = self.context_length
+        if prompt_tokens == 0:
+            raise InvalidRequestError(f"the {field_name} is empty", param=field_name)
+        if prompt_tokens >= ctx:
+            raise ContextLengthError(f"This model's maximum context length is {ctx} tokens, but the {field_name} take "
+                                      f"{prompt_tokens} tokens; shorten the {field_name}", param=field_name)
+        if max_tokens is not None and prompt_tokens + max_tokens > ctx:
+            raise ContextLengthError(f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                      f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {field_name}, "
+                                      f"{max_tokens} in the completion); reduce max_tokens to at most "
+                                      f"{ctx - prompt_tokens}", param="max_tokens")
+
+    # ------------------------------------------------------------ the worker
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except BaseException as exc:  # noqa: BLE001 - reported by start() and /ready
+            self.error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._queue or self._waiting or self._running() or self._stopping)
+                    if self._stopping:
+                        break
+                    self._waiting.extend(self._queue)
+                    self._queue.clear()
+                self._admit()
+                self._step()
+        self._fail_all(EngineUnavailableError("the server is shutting down"))
+
+    def _running(self) -> int:
+        return sum(len(lane.rows) for lane in list(self._lanes.values()))  # list(): other threads call this too
+
+    def _admit(self) -> None:
+        joining: dict[str, list[Row]] = {}
+        still_waiting = []
+        for row, handle, profile in self._waiting:
+            if handle.cancelled.is_set():
+                self._finish(row, "cancelled")
+                continue
+            if self._running() + sum(map(len, joining.values())) >= self.max_batch_size:
+                still_waiting.append((row, handle, profile))
+                continue
+            if profile.key is not None:
+                try:
+                    if not self.cache.acquire(profile):  # every loaded adapter is in use: wait for a slot
+                        still_waiting.append((row, handle, profile))
+                        continue
+                    row.pinned = True
+                except Exception as exc:  # noqa: BLE001 - a broken adapter fails its request, not the server
+                    log.exception("loading adapter %s failed", profile.ref)
+                    self._finish(row, "error", GenerationFailedError(f"adapter {profile.ref} failed to load: {exc}"))
+                    continue
+            lane = MIXED if profile.key is None or (profile.mixable and self.mix_adapters) else profile.key
+            joining.setdefault(lane, []).append(row)
+        self._waiting = still_waiting
+        for name, rows in joining.items():
+            lane = self._lanes.setdefault(name, Lane(self._forward_for(name), self.tokenizer.pad_token_id, self.model.device))
+            self._run_lane(lane, rows, lambda: lane.add(rows), rows)
+
+    def _step(self) -> None:
+        for name, lane in list(self._lanes.items()):
+            if lane.rows:
+                self._run_lane(lane, lane.rows, lambda: lane.step([r.output_ids[-1] for r in lane.rows]), list(lane.rows))
+            if not lane.rows:
+                del self._lanes[name]
+
+    def _run_lane(self, lane: Lane, rows: list[Row], forward: Callable[[], torch.Tensor], fed: list[Row]) -> None:
+        try:
+            logits = forward()
+        except Exception as exc:  # noqa: BLE001 - fail this lane's rows, keep serving the others
+            log.exception("forward pass failed")
+            for r in list(lane.rows) + [r for r in fed if r not in lane.rows]:
+                self._finish(r, "error", GenerationFailedError(f"generation failed: {type(exc).__name__}: {exc}"))
+            lane.remove(list(lane.rows))
+            return
+        self.stats["steps"] += 1
+        self.batch_sizes[len(lane.rows)] += 1
+        finished = []
+        for row, token in zip(fed, pick_tokens(logits, fed)):
+            if self._advance(row, token):
+                finished.append(row)
+        lane.remove(finished)
+
+    def _advance(self, row: Row, token: int) -> bool:
+        """Record one token for a row and emit its text; return True when the row is finished."""
+        handle, text = row.owner
+        row.output_ids.append(token)
+        handle.token_ids.append(token)
+        self.stats["tokens"] += 1
+        if handle.cancelled.is_set():
+            self._finish(row, "cancelled")
+            return True
+        if token in row.stop_ids:
+            self._finish(row, "stop")
+            return True
+        delta, hit_stop = text.push(token)
+        if hit_stop:
+            handle.emit(Event(delta))
+            self._finish(row, "stop")
+            return True
+        if len(row.output_ids) >= row.max_tokens:
+            handle.emit(Event(delta))
+            self._finish(row, "length")
+            return True
+        if delta:
+            handle.emit(Event(delta))
+        return False
+
+    def _finish(self, row: Row, reason: str, error: ServingError | None = None) -> None:
+        handle, text = row.owner
+        if handle.done.is_set():
+            return
+        tail = text.flush() if reason in ("stop", "length") else ""
+        self.stats[f"finished_{reason}"] += 1
+        if row.pinned:
+            row.pinned = False
+            self.cache.release(row.adapter)
+        handle.emit(Event(tail, reason, len(row.output_ids), error))
+
+    def _fail_all(self, error: ServingError) -> None:
+        with self._cond:
+            pending = list(self._queue) + self._waiting
+            self._queue.clear()
+        for row, _, _ in pending:
+            self._finish(row, "error", error)
+        for lane in self._lanes.values():
+            for row in lane.rows:
+                self._finish(row, "error", error)
+        self._lanes.clear()
+
+    # ------------------------------------------------------------ model calls
+
+    def _forward_for(self, lane: str) -> Callable:
+        def forward(ids, mask, positions, cache, names):
+            kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                          logits_to_keep=1)
+            if self.peft is None or not self.peft.peft_config:
+                model = self.model
+            elif lane == MIXED:
+                model, kwargs["adapter_names"] = self.peft, names
+            else:  # an unmixable adapter (DoRA) runs alone in its lane, as the active adapter
+                model = self.peft
+                if self.peft.active_adapter != lane:
+                    self.peft.set_adapter(lane, inference_mode=True)
+            return model(**kwargs).logits[:, -1, :].float()
+        return forward
+
+    def _load_adapter(self, profile: Profile) -> None:
+        from peft import PeftModel
+
+        started = time.perf_counter()
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, profile.folder, adapter_name=profile.key, low_cpu_mem_usage=True)
+        else:
+            self.peft.load_adapter(profile.folder, adapter_name=profile.key, low_cpu_mem_usage=True)
+        # Keep the active adapter one that exists: peft leaves a deleted one active when it was the last.
+        self.peft.set_adapter(profile.key, inference_mode=True)
+        self.peft.eval()
+        self.stats["adapter_load_seconds_total"] += time.perf_counter() - started
+        log.info("loaded adapter %s as %s", profile.ref, profile.key)
+
+    def _unload_adapter(self, key: str) -> None:
+        self.peft.delete_adapter(key)
+        log.info("evicted adapter %s", key)

@@ -1,0 +1,46 @@
+"""Serving fixtures: LoRA adapters with random non-zero weights on the tiny Llama, a registry holding them, an engine.
+
+Adapters get random A and B matrices (peft initializes B to zero, which would make every adapter
+equal to the base), so outputs really differ per adapter and a mixed batch that mixed them up
+would show.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from serving_helpers import LORA_NAMES, make_adapter
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Return {name: adapter folder}: nine LoRA adapters, one DoRA adapter, one IA3 adapter."""
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {name: make_adapter(tiny_model_dir, root / name, seed=i) for i, name in enumerate(LORA_NAMES)}
+    dirs["dora0"] = make_adapter(tiny_model_dir, root / "dora0", seed=100, use_dora=True)
+    dirs["ia3"] = make_adapter(tiny_model_dir, root / "ia3", seed=200, kind="ia3")
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def registry_dir(adapter_dirs, tiny_model_dir, tmp_path_factory) -> Path:
+    """Return a registry folder holding every adapter of adapter_dirs, lora0 twice (version 2 tagged stable)."""
+    from peftkit.registry import Registry
+
+    path = tmp_path_factory.mktemp("registry")
+    registry = Registry(path)
+    for name, folder in adapter_dirs.items():
+        registry.add(folder, name=name, base_model_dir=tiny_model_dir)
+    registry.add(adapter_dirs["lora1"], name="lora0", tags=["stable"], base_model_dir=tiny_model_dir)
+    registry.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, registry_dir):
+    """Return a started Engine on the tiny model and the test registry (fp32, for exact comparisons)."""
+    from peftkit.serving.engine import Engine
+
+    eng = Engine(str(tiny_model_dir), registry=str(registry_dir), dtype="fp32", max_loaded_adapters=8).start()
+    yield eng
+    eng.stop()

@@ -1,0 +1,36 @@
+"""Helpers shared by the serving tests: adapters with random weights and request builders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+LORA_NAMES = [f"lora{i}" for i in range(9)]
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int, **config) -> Path:
+    """Save a peft adapter for the model in base_dir with random weights; config goes to its peft config."""
+    import torch
+    from peft import IA3Config, LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    kind = config.pop("kind", "lora")
+    model = LlamaForCausalLM.from_pretrained(base_dir)
+    if kind == "ia3":
+        peft_config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    else:
+        peft_config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"], **config})
+    peft_model = get_peft_model(model, peft_config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name or "ia3_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5 + (1.0 if "ia3_" in name else 0.0))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def chat(model: str, content: str = "What colour is item 3?", max_tokens: int = 8, **kwargs):
+    """Return a GenerationRequest for one user message."""
+    from peftkit.serving.engine import GenerationRequest
+
+    return GenerationRequest(model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+                             temperature=kwargs.pop("temperature", 0.0), **kwargs)
