@@ -139,10 +139,11 @@ def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 def clean_staging(folder: Path) -> None:
-    """Remove staging folders left by a killed save."""
+    """Remove staging and half-deleted folders left by a killed save or rotation."""
     if folder.is_dir():
-        for p in folder.glob(".*.tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
+        for pattern in (".*.tmp-*", ".staging-*", ".deleting-*"):
+            for p in folder.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- run state and resume checks
