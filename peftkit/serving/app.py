@@ -10,8 +10,6 @@ its generation, streamed or not.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 from dataclasses import dataclass
@@ -27,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from peftkit.serving import openai_schema as oai
 from peftkit.serving.errors import (ContextLengthError, EngineUnavailableError, GenerationFailedError, InvalidRequestError,
                                     OverloadedError, ServingError, UnknownModelError, UnsupportedAdapterError)
-from peftkit.serving.metrics import Metrics, route_label
+from peftkit.serving.guard import Guard
+from peftkit.serving.metrics import Metrics
 
 # (error class, HTTP status, OpenAI error type, code); the first match wins.
 ERRORS = (
@@ -40,7 +39,6 @@ ERRORS = (
     (GenerationFailedError, 500, "server_error", None),
     (ServingError, 400, "invalid_request_error", None),
 )
-PUBLIC = ("/health",)
 
 
 @dataclass
@@ -71,7 +69,7 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     metrics = Metrics(engine, settings.max_adapter_labels)
     app = FastAPI(title="peftkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
-    app.add_middleware(Guard, settings=settings, metrics=metrics)
+    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     limiter = {"in_flight": 0}
     created = int(time.time())
 
@@ -268,78 +266,3 @@ def _model_card(m: dict[str, Any], base: str, created: int) -> dict[str, Any]:
     return {"id": m["id"], "object": "model", "created": created, "owned_by": "peftkit",
             "root": m["ref"] or m["id"], "parent": None if m["ref"] is None else base,
             "method": m["method"], "domain": m["domain"], "tags": m["tags"]}
-
-
-class Guard:
-    """ASGI middleware: API key on every route but /health, a body size limit, and HTTP metrics."""
-
-    def __init__(self, app, settings: ServerSettings, metrics: Metrics):
-        self.app = app
-        self.limit = settings.max_body_bytes
-        self.metrics = metrics
-        self.key_digest = hashlib.sha256(settings.api_key.encode()).digest() if settings.api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        route, started, status = route_label(scope["path"]), time.perf_counter(), [500]
-
-        async def send_and_note(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if self.key_digest is not None and scope["path"] not in PUBLIC and not self._authorized(scope):
-                body = oai.error_body("Incorrect or missing API key; send it as 'Authorization: Bearer KEY'",
-                                      "invalid_request_error", None, "invalid_api_key")
-                return await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_and_note)
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(scope, receive)
-                if body is None:
-                    error = oai.error_body(f"The request body is larger than {self.limit} bytes", "invalid_request_error",
-                                           None, "request_too_large")
-                    return await JSONResponse(error, 413)(scope, receive, send_and_note)
-                receive = _replay(body, receive)
-            await self.app(scope, receive, send_and_note)
-        finally:
-            self.metrics.requests.labels(route, str(status[0])).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-
-    def _authorized(self, scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer":
-            token = b""
-        # Digests of equal length: the comparison time says nothing about the key or its length.
-        return hmac.compare_digest(hashlib.sha256(token.strip()).digest(), self.key_digest)
-
-    async def _read_body(self, scope, receive) -> bytes | None:
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:  # a client may lie about, or omit, Content-Length
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # after the body: wait for the client to disconnect
-    return replayed

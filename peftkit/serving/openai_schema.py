@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from peftkit.serving.engine import GenerationRequest
+from peftkit.serving.requests import GenerationRequest
 from peftkit.serving.errors import InvalidRequestError
 
 MAX_STOPS = 4
