@@ -43,7 +43,7 @@ def load(model, adapter_dir: Path, *, adapter_name: str = "default", is_trainabl
     for name in files:
         state.update(load_file(str(adapter_dir / name), device=str(next(model.parameters()).device)))
     result = model.load_state_dict(state, strict=False)
-    tied = _tied_names(model)
+    tied = tied_names(model)
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         raise MethodError(f"{adapter_dir} does not fit this base model (missing {missing[:3]}, unexpected "
@@ -73,7 +73,7 @@ def _cannot_disable(model):
                       "To compare with the base, load the base model without --adapter")
 
 
-def _tied_names(model) -> set[str]:
+def tied_names(model) -> set[str]:
     """Return parameter names that share storage with an earlier one (saved once, e.g. tied lm_head)."""
     seen: dict[int, str] = {}
     tied = set()

@@ -1,0 +1,265 @@
+"""`peftkit compare`: train each method on the same data and budget, then tabulate and chart what each cost.
+
+Each method trains in its own `python -m peftkit train` process, so peak memory is that
+method's alone and no method warms caches for the next. The Llama 3.1 8B figures come from
+`methods.footprint`: exact counts on the meta device, nothing downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftkit.config import MethodConfig, load_config
+
+DEFAULT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3", "bottleneck", "full")
+# Learning rates for methods whose usual range is far from LoRA's (the LoRA family keeps the config's):
+# prefix 1e-2 and prompt 3e-2 as in peft's examples, IA3 3e-3 as in T-Few (Liu et al. 2022),
+# bottleneck 1e-3 (Houlsby et al. 2019 searched 1e-4..1e-3; short runs need the top), full 5e-5.
+METHOD_LR = {"prefix": 1e-2, "prompt": 3e-2, "ia3": 3e-3, "bottleneck": 1e-3, "full": 5e-5}
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "llama-3.1-8b"
+ADAPTER_FILES = ("adapter_config.json", "*.safetensors", "*.safetensors.index.json")
+
+
+@dataclass
+class MethodRun:
+    """One method's training run: where it went, what it measured, or why it failed."""
+
+    method: str
+    settings: str
+    learning_rate: float
+    run_dir: Path
+    metrics: dict | None = None
+    adapter_bytes: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class Comparison:
+    runs: list[MethodRun]
+    table: Path
+    chart: Path
+    footprints: list = field(default_factory=list)
+
+
+def compare(config_path: str | Path, methods: list[str], *, overrides: list[str] | None = None,
+            out_dir: str | Path = "runs/compare", learning_rates: dict[str, float] | None = None,
+            command: str | None = None) -> Comparison:
+    """Return the comparison of methods trained from config_path; writes OUT/methods.md and OUT/methods.png."""
+    from peftkit.methods import METHODS, MethodError
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise MethodError(f"--methods {','.join(methods)}: {', '.join(unknown) or 'empty'} is not a method; "
+                          f"choose from {', '.join(METHODS)}")
+    overrides = list(overrides or [])
+    rates = {**METHOD_LR, **(learning_rates or {})}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plans = []
+    for method in methods:  # check every config before spending minutes on the first run
+        extra = [f"method.name={method}", f"train.output_dir={out / method}"]
+        if method in rates:
+            extra.append(f"train.learning_rate={rates[method]}")
+        cfg = load_config(config_path, overrides + extra)
+        plans.append((method, extra, cfg))
+    runs = []
+    for method, extra, cfg in plans:
+        run = MethodRun(method, describe(cfg.method), cfg.train.learning_rate, out / method)
+        run_method(config_path, overrides + extra, run, log_file=out / f"{method}.log")
+        runs.append(run)
+    footprints = llama_8b_footprints(methods)
+    table = out / "methods.md"
+    write_atomic(table, report(runs, footprints, command=command, budget=plans[0][2].train))
+    chart = out / "methods.png"
+    write_chart(runs, chart)
+    return Comparison(runs=runs, table=table, chart=chart, footprints=footprints)
+
+
+def run_method(config_path, overrides: list[str], run: MethodRun, *, log_file: Path) -> None:
+    """Train one method in a fresh `python -m peftkit train` process and fill run with its results."""
+    cmd = [sys.executable, "-m", "peftkit", "train", str(config_path), "--no-register"]
+    for item in overrides:
+        cmd += ["--set", item]
+    print(f"== {run.method}: {run.settings}, lr {run.learning_rate:g}", flush=True)
+    with open(log_file, "w", encoding="utf-8") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics_file = run.run_dir / "metrics.json"
+    if done.returncode != 0 or not metrics_file.is_file():
+        tail = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+        run.error = f"exit {done.returncode}: " + " / ".join(t.replace("|", "/") for t in tail) + f" (full log: {log_file})"
+        print(f"   failed: {run.error}", flush=True)
+        return
+    run.metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    run.adapter_bytes = adapter_bytes(run.run_dir / "adapter")
+
+
+def adapter_bytes(adapter_dir: Path) -> int:
+    """Return the bytes of an adapter's config and weights (the tokenizer copy and model card left out)."""
+    files = {p for pattern in ADAPTER_FILES for p in Path(adapter_dir).glob(pattern)}
+    return sum(p.stat().st_size for p in files)
+
+
+def describe(m: MethodConfig) -> str:
+    """Return the settings that size a method, in a few words (e.g. 'rank 16, attention')."""
+    from peftkit.methods import ia3
+
+    targets = m.target_modules if isinstance(m.target_modules, str) else "[" + ", ".join(m.target_modules) + "]"
+    if m.name in ("lora", "qlora", "dora"):
+        extras = [x for x, on in (("DoRA", m.use_dora and m.name != "dora"), ("rsLoRA", m.use_rslora)) if on]
+        return ", ".join([f"rank {m.rank}, alpha {m.alpha:g}, {targets}"] + extras)
+    if m.name == "prefix":
+        return f"{m.num_virtual_tokens} virtual tokens" + (", MLP reparameterized" if m.prefix_projection else "")
+    if m.name == "prompt":
+        return f"{m.num_virtual_tokens} virtual tokens" + (", text init" if m.prompt_init_text else "")
+    if m.name == "ia3":
+        return "scales " + ", ".join(ia3.targets(m.target_modules)[0])
+    if m.name == "bottleneck":
+        return f"reduction {m.reduction_factor}, after {m.adapter_placement}"
+    return "every weight"
+
+
+def preset_method(method: str) -> MethodConfig:
+    """Return the method section the 8B presets give: configs/llama-3.1-8b/METHOD.yaml, else lora.yaml's with the name swapped."""
+    preset = PRESETS / f"{method}.yaml"
+    if not preset.is_file():
+        preset = PRESETS / "lora.yaml"
+    if not preset.is_file():
+        return MethodConfig(name=method, target_modules="all-linear")
+    return load_config(preset, [f"method.name={method}"]).method
+
+
+def llama_8b_footprints(methods: list[str]) -> list:
+    """Return the exact footprint of each method on Llama 3.1 8B under its preset."""
+    from peftkit.methods.footprint import measure
+
+    return [(describe(cfg), measure(cfg)) for cfg in (preset_method(m) for m in methods)]
+
+
+# ---------------------------------------------------------------- report
+
+def report(runs: list[MethodRun], footprints: list, *, command: str | None, budget) -> str:
+    """Return methods.md: the measured table, the machine, and the 8B table."""
+    lines = ["# Method comparison", ""]
+    if command:
+        lines += ["Command:", "", "```", command, "```", ""]
+    lines += [f"Machine: {machine()}.", f"Budget per method: {budget_words(budget)}.", "", measured_table(runs), "",
+              "## Llama 3.1 8B under each method's preset (exact, computed on the meta device)", "",
+              footprint_table(footprints), ""]
+    return "\n".join(lines)
+
+
+def measured_table(runs: list[MethodRun]) -> str:
+    """Return the markdown table of measured runs (failed runs keep their row with the error)."""
+    head = ("| method | settings | lr | trainable params | % of base | adapter on disk | peak memory | tokens/s "
+            "| train loss (first → last) | eval loss | eval perplexity | wall time |\n"
+            "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    rows = [head]
+    for r in runs:
+        if r.metrics is None:
+            rows.append(f"| {r.method} | {r.settings} | {r.learning_rate:g} | failed: {r.error} |" + " |" * 8)
+            continue
+        m = r.metrics
+        rows.append(
+            f"| {r.method} | {r.settings} | {r.learning_rate:g} | {m['trainable_parameters']:,} | {base_percent(r):.3g}% "
+            f"| {human_bytes(r.adapter_bytes)} | {m['peak_memory_mb']:,.0f} MiB | {_num(m['tokens_per_second'], '.0f')} "
+            f"| {_num(m.get('train_loss_first'), '.3f')} → {_num(m['train_loss'], '.3f')} | {_num(m['eval_loss'], '.3f')} "
+            f"| {_num(m['eval_perplexity'], '.2f')} | {m['wall_time_s']:.0f} s |")
+    return "\n".join(rows)
+
+
+def footprint_table(footprints: list) -> str:
+    """Return the markdown table of 8B footprints: trainable parameters, saved bytes, base weights."""
+    rows = ["| method | preset settings | trainable params | % of base | adapter tensors saved | saved dtype | base weights held |",
+            "|---|---|--:|--:|--:|---|--:|"]
+    for settings, f in footprints:
+        rows.append(f"| {f.method} | {settings} | {f.trainable:,} | {f.percent:.4g}% | {f.saved_bytes:,} B ({human_bytes(f.saved_bytes)}) "
+                    f"| {f.saved_dtypes} | {human_bytes(f.base_bytes)}{' (NF4)' if f.method == 'qlora' else ''} |")
+    return "\n".join(rows)
+
+
+def base_percent(run: MethodRun) -> float:
+    """Return trainable parameters as a percentage of the base model's (adapters are not part of the base)."""
+    m = run.metrics
+    base = m["total_parameters"] if run.method == "full" else m["total_parameters"] - m["trainable_parameters"]
+    return 100 * m["trainable_parameters"] / base
+
+
+def write_chart(runs: list[MethodRun], path: Path) -> None:
+    """Draw one bar panel per measure (parameters, size, memory, speed, losses) into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in runs if r.metrics is not None]
+    panels = [("trainable % of base (log)", lambda r: base_percent(r), True),
+              ("adapter on disk, MiB (log)", lambda r: r.adapter_bytes / 2**20, True),
+              ("peak memory, MiB", lambda r: r.metrics["peak_memory_mb"], False),
+              ("tokens per second", lambda r: r.metrics["tokens_per_second"] or 0, False),
+              ("final train loss", lambda r: r.metrics["train_loss"] or 0, False),
+              ("eval loss", lambda r: r.metrics["eval_loss"] or 0, False)]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    names = [r.method for r in done]
+    colors = [plt.cm.tab10(i % 10) for i in range(len(done))]
+    for ax, (title, value, log) in zip(axes.flat, panels):
+        values = [value(r) for r in done]
+        ax.bar_label(ax.bar(names, values, color=colors), fmt="%.3g", fontsize=8)
+        ax.set_title(title)
+        if log:
+            ax.set_yscale("log")
+        elif "loss" in title and values:  # losses differ in the decimals: do not start the axis at zero
+            ax.set_ylim(min(values) * 0.95, max(values) * 1.03)
+        ax.tick_params(axis="x", rotation=45)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def machine() -> str:
+    """Return the CPU or GPU, core count and torch version, in words."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or "CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, no GPU, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def budget_words(t) -> str:
+    """Return the shared training budget in words."""
+    steps = f"{t.max_steps} optimizer steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
+    return f"{steps} of batch {t.batch_size} x {t.gradient_accumulation_steps} accumulation, seed {t.seed}"
+
+
+def human_bytes(n: int | None) -> str:
+    """Return a byte count in B, KiB, MiB or GiB with four significant digits."""
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} B"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path through a temporary file, so a crash never leaves half a table."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _num(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
