@@ -82,15 +82,21 @@ def save_cached(entry: Path, train, evaluation, stats: dict[str, Any]) -> None:
     except OSError as exc:
         log.warning("cannot write the data cache under %s (%s); continuing without it", entry.parent, exc)
         return
+    import datasets
+
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # saving takes a moment; its bars would only bury our counts
     try:
         train.save_to_disk(str(tmp / "train"))
         if evaluation is not None:
             evaluation.save_to_disk(str(tmp / "eval"))
         # stats.json last: its presence marks a complete entry.
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True), encoding="utf-8")
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
         os.rename(tmp, entry)
     except OSError as exc:
         if not entry.exists():  # another process winning the race is fine; anything else is worth a warning
             log.warning("could not cache tokenized data at %s (%s)", entry, exc)
     finally:
+        if not quiet:
+            datasets.enable_progress_bars()
         shutil.rmtree(tmp, ignore_errors=True)
