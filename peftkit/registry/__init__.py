@@ -61,8 +61,10 @@ class Registry:
             raise BaseMismatchError(f"{source.root}: trained on base {recorded[:19]}… but --base-model is {base.fingerprint[:19]}…; "
                                     "pass the base it was trained on, or --allow-base-mismatch if they are compatible")
         validate_files(source.files, base.config, max_rank)  # fail before copying anything
-        staged = {rel: self.store.stage_file(path) for rel, path in source.files.items()}
+        staged: dict[str, Staged] = {}
         try:
+            for rel, path in source.files.items():
+                staged[rel] = self.store.stage_file(path)
             _pause("staged")
             # Check and record what is stored, which may differ from what the folder held a moment ago.
             info = validate_files({rel: s.tmp for rel, s in staged.items()}, base.config, max_rank)
@@ -139,6 +141,12 @@ class Registry:
     def close(self) -> None:
         """Close the catalog connection."""
         self.catalog.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------ shared by add and import
 

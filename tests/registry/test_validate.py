@@ -203,3 +203,14 @@ def test_symlinked_files_are_stored_as_their_content(reg, make_adapter, tmp_path
     os.symlink(target, folder / "README.md")
     entry = reg.add(folder, "x")
     assert (reg.checkout(entry.ref) / "README.md").read_text() == "# card"
+
+
+def test_bottleneck_adapters_are_checked_for_layers_and_hidden_width(reg, make_adapter):
+    good = {"layers.0.mlp.down.weight": np.zeros((4, 64), np.float32), "layers.0.mlp.down.bias": np.zeros(4, np.float32),
+            "layers.1.attention.up.weight": np.zeros((64, 4), np.float32), "layers.1.attention.up.bias": np.zeros(64, np.float32)}
+    kind = {"peft_type": "PEFTKIT_BOTTLENECK", "lineage": {"method": "bottleneck"}}
+    assert reg.add(make_adapter(tensors=good, **kind), "bn").peft_type == "PEFTKIT_BOTTLENECK"
+    bad = {**good, "layers.2.mlp.down.weight": np.zeros((4, 64), np.float32), "layers.0.mlp.up.weight": np.zeros((70, 4), np.float32)}
+    with pytest.raises(AdapterValidationError) as err:
+        reg.add(make_adapter(tensors=bad, **kind), "bn")
+    assert "layer 2 does not exist" in str(err.value) and "layers.0.mlp.up.weight has shape [70, 4]; one side must be hidden_size=64" in str(err.value)
