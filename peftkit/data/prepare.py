@@ -108,6 +108,8 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
     if cfg.path and cfg.sources:
         raise DataError("both data.path and data.sources are set; use data.path for one file or data.sources "
                         "for several, not both")
+    if cfg.format != "auto" and cfg.format not in FORMATS:
+        raise DataError(f"data.format={cfg.format!r} is unknown; choose one of auto, {', '.join(FORMATS)}")
     if cfg.path:
         return [Source(cfg.path, 1.0, cfg.format, dict(cfg.columns))]
     if not cfg.sources:
