@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.registry.store import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,6 @@ def fsync_tree(folder: Path) -> None:
                 os.fsync(fh.fileno())
     for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
         fsync_dir(d)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Flush a directory's entries (so a rename into it survives a power cut)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def swap_into_place(staged: Path, target: Path) -> None:

@@ -26,6 +26,11 @@ from peftkit.errors import PeftkitError
 log = logging.getLogger(__name__)
 
 
+# Methods whose trained model is the base forward with modules swapped in, so the loss can call the
+# backbone and the vocabulary head separately; prefix and prompt tuning change the inputs instead.
+SPARSE_LOGIT_METHODS = ("lora", "dora", "qlora", "ia3", "full")
+
+
 @dataclass
 class TrainResult:
     output_dir: Path
@@ -85,10 +90,11 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
                                 bf16=resolve_dtype(cfg.model.dtype) == torch.bfloat16),
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
-        data_collator=build_collator(tokenizer, packing=cfg.data.packing),
+        data_collator=build_collator(tokenizer, packing=cfg.data.packing, attn_implementation=cfg.model.attn_implementation),
         processing_class=tokenizer,
         callbacks=[StopOnSignal(stop)],
     )
+    trainer.sparse_logits = cfg.method.name in SPARSE_LOGIT_METHODS
     started = time.perf_counter()
     with stop:
         trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
@@ -334,8 +340,13 @@ def register_run(out: Path, cfg: RunConfig) -> str | None:
     except ImportError:
         log.warning("the registry is not available in this build; the adapter is only in %s", out / "adapter")
         return None
-    entry = Registry(cfg.registry.path).add(out, name=cfg.name, tags=cfg.registry.tags, domain=cfg.registry.domain)
-    return f"{entry.name}@{entry.version}"
+    try:
+        entry = Registry(cfg.registry.path).add(out, name=cfg.name, tags=cfg.registry.tags, domain=cfg.registry.domain)
+    except PeftkitError as exc:
+        # The adapter is saved already; a registry refusal (say, the name is taken on another base) must not lose it.
+        log.warning("the adapter was saved in %s but not registered: %s", out / "adapter", exc)
+        return None
+    return entry.ref
 
 
 def write_json(path: Path, data: dict) -> None:
