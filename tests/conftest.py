@@ -97,7 +97,7 @@ def chat_file(tmp_path) -> Path:
 @pytest.fixture
 def tiny_overrides(tiny_model_dir, chat_file, tmp_path) -> list[str]:
     """Return --set overrides that train the tiny model quickly on chat_file."""
-    return [f"model.name={tiny_model_dir}", "model.dtype=fp32", f"data.path={chat_file}", "data.eval_fraction=0.1",
+    return [f"model.name={tiny_model_dir}", "model.dtype=fp32", f"data.path={chat_file}", "data.eval_path=null", "data.eval_fraction=0.1",
             "data.max_seq_length=128", "train.max_steps=6", "train.batch_size=4", "train.logging_steps=1",
             "train.save_steps=3", "train.learning_rate=0.005", f"train.output_dir={tmp_path / 'run'}",
             "registry.register=false"]

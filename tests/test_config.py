@@ -51,10 +51,11 @@ def test_overrides_are_typed(tmp_path):
     ("method.target_modules=everything", ["not a preset", "all-linear"]),
     ("name=../etc", ["may use only letters"]),
     ("justakey", ["must look like key=value"]),
+    ("data.packing=true method.name=prefix", ["data.packing=true does not work with method.name=prefix"]),
 ])
 def test_bad_values_name_key_and_fix(override, words):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, override.split(" "))
     for word in words:
         assert word in str(info.value)
 

@@ -78,6 +78,7 @@ def test_signal_saves_and_resume_matches_uninterrupted_run(tiny_overrides, tmp_p
     a, b = _adapter_tensors(straight.output_dir), _adapter_tensors(run)
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"\nresume after SIGINT at step 3 of 8: largest adapter difference vs uninterrupted run = {worst:.2e}")
     assert worst < 1e-5, f"resumed adapter differs from the uninterrupted one by {worst}"
 
 
