@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftkit.config import MethodConfig, load_config
+from peftkit.config import MethodConfig, load_config, save_config
 
 DEFAULT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3", "bottleneck", "full")
 # Learning rates for methods whose usual range is far from LoRA's (the LoRA family keeps the config's):
@@ -65,33 +65,33 @@ def compare(config_path: str | Path, methods: list[str], *, overrides: list[str]
         extra = [f"method.name={method}", f"train.output_dir={out / method}"]
         if method in rates:
             extra.append(f"train.learning_rate={rates[method]}")
-        cfg = load_config(config_path, overrides + extra)
-        plans.append((method, extra, cfg))
+        plans.append((method, load_config(config_path, overrides + extra)))
     runs = []
-    for method, extra, cfg in plans:
+    for method, cfg in plans:
+        # The resolved config is frozen per method, so an edit to CONFIG during a long comparison changes nothing.
+        frozen = out / f"{method}.yaml"
+        save_config(cfg, frozen)
         run = MethodRun(method, describe(cfg.method), cfg.train.learning_rate, out / method)
-        run_method(config_path, overrides + extra, run, log_file=out / f"{method}.log")
+        run_method(frozen, run, log_file=out / f"{method}.log")
         runs.append(run)
     footprints = llama_8b_footprints(methods)
     table = out / "methods.md"
-    write_atomic(table, report(runs, footprints, command=command, budget=plans[0][2].train))
+    write_atomic(table, report(runs, footprints, command=command, budget=plans[0][1].train))
     chart = out / "methods.png"
     write_chart(runs, chart)
     return Comparison(runs=runs, table=table, chart=chart, footprints=footprints)
 
 
-def run_method(config_path, overrides: list[str], run: MethodRun, *, log_file: Path) -> None:
+def run_method(config_file: Path, run: MethodRun, *, log_file: Path) -> None:
     """Train one method in a fresh `python -m peftkit train` process and fill run with its results."""
-    cmd = [sys.executable, "-m", "peftkit", "train", str(config_path), "--no-register"]
-    for item in overrides:
-        cmd += ["--set", item]
+    cmd = [sys.executable, "-m", "peftkit", "train", str(config_file), "--no-register"]
     print(f"== {run.method}: {run.settings}, lr {run.learning_rate:g}", flush=True)
     with open(log_file, "w", encoding="utf-8") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     metrics_file = run.run_dir / "metrics.json"
     if done.returncode != 0 or not metrics_file.is_file():
         tail = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-        run.error = f"exit {done.returncode}: " + " / ".join(t.replace("|", "/") for t in tail) + f" (full log: {log_file})"
+        run.error = f"exit {done.returncode}: " + " / ".join(tail) + f" (full log: {log_file})"
         print(f"   failed: {run.error}", flush=True)
         return
     run.metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
@@ -130,7 +130,8 @@ def preset_method(method: str) -> MethodConfig:
         preset = PRESETS / "lora.yaml"
     if not preset.is_file():
         return MethodConfig(name=method, target_modules="all-linear")
-    return load_config(preset, [f"method.name={method}"]).method
+    # Packing only shapes the data; it is switched off so prefix and prompt (which refuse it) read the same preset.
+    return load_config(preset, [f"method.name={method}", "data.packing=false"]).method
 
 
 def llama_8b_footprints(methods: list[str]) -> list:
@@ -161,7 +162,8 @@ def measured_table(runs: list[MethodRun]) -> str:
     rows = [head]
     for r in runs:
         if r.metrics is None:
-            rows.append(f"| {r.method} | {r.settings} | {r.learning_rate:g} | failed: {r.error} |" + " |" * 8)
+            error = (r.error or "").replace("|", "/")  # a bar inside a cell would split the row
+            rows.append(f"| {r.method} | {r.settings} | {r.learning_rate:g} | failed: {error} |" + " |" * 8)
             continue
         m = r.metrics
         rows.append(

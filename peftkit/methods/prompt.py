@@ -34,6 +34,39 @@ class PromptLearningCausalLM(PeftModelForCausalLM):
             finally:
                 self._peftkit_disabled = False
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        """Return the model output; packed batches (4D block masks) get the virtual tokens once per example."""
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is None:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   labels=labels, **kwargs)
+        if attention_mask is None or attention_mask.dim() != 4 or input_ids is None:
+            raise MethodError("prefix and prompt tuning need data.packing=false, or packing with model.attn_implementation "
+                              "sdpa or eager (a block mask per example); flash-attention packing gives them no mask to extend")
+        return self._packed_forward(input_ids, attention_mask, position_ids, labels, **kwargs)
+
+    def _packed_forward(self, input_ids, mask, position_ids, labels, **kwargs):
+        # peft would glue a 2D row of ones onto the 4D block mask (and fail) and, for prompt tuning,
+        # drop position_ids. Instead every example in the row gets to see all virtual tokens, and its
+        # positions start after them, exactly as if it had been trained alone.
+        config = self.active_peft_config
+        n, (batch, width) = config.num_virtual_tokens, input_ids.shape
+        see_virtual = _mask_like(mask, torch.ones(batch, 1, width, n, dtype=torch.bool, device=mask.device))
+        if config.peft_type == PeftType.PREFIX_TUNING:
+            return self.base_model(input_ids=input_ids, attention_mask=torch.cat([see_virtual, mask], dim=-1),
+                                   position_ids=position_ids + n, cache=self.get_prompt(batch_size=batch), labels=labels,
+                                   **kwargs)
+        embeds = self.word_embeddings(input_ids)
+        embeds = torch.cat([self.get_prompt(batch_size=batch).to(embeds.dtype), embeds], dim=1)
+        causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+        virtual_rows = torch.cat([causal, torch.zeros(n, width, dtype=torch.bool, device=mask.device)], dim=-1)
+        top = _mask_like(mask, virtual_rows.expand(batch, 1, n, n + width))
+        full_mask = torch.cat([top, torch.cat([see_virtual, mask], dim=-1)], dim=2)
+        positions = torch.cat([torch.arange(n, device=position_ids.device).expand(batch, n), position_ids + n], dim=1)
+        if labels is not None:
+            labels = torch.cat([torch.full((batch, n), -100, dtype=labels.dtype, device=labels.device), labels], dim=1)
+        return self.base_model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, labels=labels, **kwargs)
+
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         """Return the generated sequences (prompt ids followed by new ids), like the base model's generate."""
         base = self.get_base_model()
@@ -57,6 +90,13 @@ class PromptLearningCausalLM(PeftModelForCausalLM):
             return out[:, n:]
         out.sequences = out.sequences[:, n:]
         return out
+
+
+def _mask_like(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Return allowed (bool) in mask's convention: bool for sdpa, additive 0 / -inf-like floats for eager."""
+    if mask.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(~allowed, torch.finfo(mask.dtype).min)
 
 
 def build_prefix(model, method_cfg):
