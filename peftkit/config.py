@@ -366,9 +366,6 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
-    if d.packing and m.name in ("prefix", "prompt"):
-        raise ConfigError(f"data.packing=true does not work with method.name={m.name}: its virtual tokens sit in front of "
-                          "the whole sequence, so packed examples would share them; set data.packing=false")
     if isinstance(m.target_modules, str) and m.target_modules not in TARGET_PRESETS:
         raise ConfigError(f"method.target_modules={m.target_modules!r} is not a preset; use attention, all-linear or a list such as [q_proj, v_proj]")
     if not cfg.name or any(c not in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-" for c in cfg.name) or cfg.name.startswith("."):

@@ -51,7 +51,6 @@ def test_overrides_are_typed(tmp_path):
     ("method.target_modules=everything", ["not a preset", "all-linear"]),
     ("name=../etc", ["may use only letters"]),
     ("justakey", ["must look like key=value"]),
-    ("data.packing=true method.name=prefix", ["data.packing=true does not work with method.name=prefix"]),
 ])
 def test_bad_values_name_key_and_fix(override, words):
     with pytest.raises(ConfigError) as info:
