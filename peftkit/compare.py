@@ -22,7 +22,7 @@ DEFAULT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3", "bottleneck", "fu
 # bottleneck 1e-3 (Houlsby et al. 2019 searched 1e-4..1e-3; short runs need the top), full 5e-5.
 METHOD_LR = {"prefix": 1e-2, "prompt": 3e-2, "ia3": 3e-3, "bottleneck": 1e-3, "full": 5e-5}
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "llama-3.1-8b"
-ADAPTER_FILES = ("adapter_config.json", "*.safetensors", "*.safetensors.index.json")
+ADAPTER_FILES = ("adapter_config.json", "config.json", "*.safetensors", "*.safetensors.index.json")  # config.json: full only
 
 
 @dataclass
@@ -99,7 +99,7 @@ def run_method(config_file: Path, run: MethodRun, *, log_file: Path) -> None:
 
 
 def adapter_bytes(adapter_dir: Path) -> int:
-    """Return the bytes of an adapter's config and weights (the tokenizer copy and model card left out)."""
+    """Return the bytes of an adapter's config and weights (the tokenizer copy, model card and lineage left out)."""
     files = {p for pattern in ADAPTER_FILES for p in Path(adapter_dir).glob(pattern)}
     return sum(p.stat().st_size for p in files)
 

@@ -2,8 +2,9 @@
 
 Every builder takes the base model and the method section of the config and returns the
 model to train, with only the method's parameters trainable. Every returned model saves
-itself with `save_pretrained(dir, safe_serialization=True)` into adapter_config.json plus
-safetensors, and `load_adapter` dispatches on the `peft_type` written there.
+itself with `save_pretrained(dir, safe_serialization=True)`: adapter_config.json plus
+adapter_model.safetensors, or for full fine-tuning the whole model (config.json plus
+model.safetensors); `load_adapter` dispatches on which it finds and on the `peft_type`.
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ METHODS = {
     "full": full.build,
 }
 
-# peft_type in adapter_config.json -> loader for the types peft itself cannot read back.
+# peft_type in adapter_config.json -> loader for the types peft itself cannot read back
+# (a full fine-tune has no adapter_config.json: see full.is_full_finetune).
 LOADERS = {
     bottleneck.PEFT_TYPE: bottleneck.load,
-    full.PEFT_TYPE: full.load,
     "PREFIX_TUNING": prompt.load,
     "PROMPT_TUNING": prompt.load,
 }
@@ -48,7 +49,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     """Return adapter_config.json of an adapter folder as a dict."""
     config_file = Path(adapter_dir) / "adapter_config.json"
     if not config_file.is_file():
-        raise MethodError(f"{adapter_dir} holds no adapter_config.json: pass the adapter folder (e.g. runs/NAME/adapter)")
+        raise MethodError(f"{adapter_dir} holds no adapter_config.json (nor a full fine-tune's config.json + model.safetensors): "
+                      "pass the adapter folder (e.g. runs/NAME/adapter)")
     try:
         return json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -61,6 +63,8 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     meta_file = adapter_dir / "peftkit.json"
     if meta_file.is_file():
         return json.loads(meta_file.read_text(encoding="utf-8"))
+    if full.is_full_finetune(adapter_dir):
+        return {"base_model": None, "method": "full", "config": {}}
     config = read_adapter_config(adapter_dir)
     return {"base_model": config.get("base_model_name_or_path"), "method": str(config.get("peft_type", "")).lower(), "config": {}}
 
@@ -70,6 +74,8 @@ def load_adapter(model, adapter_dir: str | Path, *, adapter_name: str = "default
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
+    if full.is_full_finetune(adapter_dir):
+        return full.load(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
     peft_type = str(read_adapter_config(adapter_dir).get("peft_type", ""))
     loader = LOADERS.get(peft_type)
     if loader is not None:

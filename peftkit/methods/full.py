@@ -1,9 +1,9 @@
 """Full fine-tuning: every weight trains; the reference the parameter-efficient methods are judged against.
 
-The "adapter" is the whole model: save_pretrained writes config.json and model.safetensors
-(the standard transformers layout) plus an adapter_config.json marker with peft_type
-PEFTKIT_FULL, so run folders, `peftkit generate --adapter` and load_adapter treat it like
-any other method. It cannot be disabled: the base weights themselves changed.
+The "adapter" is the whole model in the standard transformers layout (config.json and
+model*.safetensors, no adapter_config.json), which is also what the registry accepts as a
+full fine-tune and what `AutoModelForCausalLM.from_pretrained` loads as is. It cannot be
+disabled: the base weights themselves changed.
 """
 from __future__ import annotations
 
@@ -13,17 +13,21 @@ from pathlib import Path
 
 from peftkit.methods.errors import MethodError
 
-PEFT_TYPE = "PEFTKIT_FULL"
-CONFIG_NAME = "adapter_config.json"
-
 
 def build(model, method_cfg):
-    """Return the base model with every parameter trainable and a save_pretrained that marks the folder."""
+    """Return the base model with every parameter trainable (and a disable_adapter that says it cannot)."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         raise MethodError("method.name='full' cannot train a quantized base (4-bit weights have no gradients): "
                           "load the base in fp32 or bf16, or use method.name=qlora")
     model.requires_grad_(True)
     return _mark(model)
+
+
+def is_full_finetune(folder: Path) -> bool:
+    """Return True when folder holds a whole model (config.json + model*.safetensors) rather than an adapter."""
+    folder = Path(folder)
+    return (not (folder / "adapter_config.json").is_file() and (folder / "config.json").is_file()
+            and any(folder.glob("model*.safetensors")))
 
 
 def load(model, adapter_dir: Path, *, adapter_name: str = "default", is_trainable: bool = False):
@@ -52,29 +56,8 @@ def load(model, adapter_dir: Path, *, adapter_name: str = "default", is_trainabl
     return _mark(model)
 
 
-def save_pretrained(model, save_directory, **kwargs) -> None:
-    """Write the whole model (config.json, model.safetensors) and the PEFTKIT_FULL marker into save_directory."""
-    type(model).save_pretrained(model, save_directory, **kwargs)
-    marker = {"peft_type": PEFT_TYPE, "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-              "weights": "model.safetensors"}
-    (Path(save_directory) / CONFIG_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-
-
-def _mark(model):
-    # Per instance, not per class: the Trainer's checkpoints and train.save_adapter both call
-    # model.save_pretrained, and the model must stay its own transformers class for everything else.
-    model.save_pretrained = types.MethodType(save_pretrained, model)
-    model.disable_adapter = types.MethodType(_cannot_disable, model)
-    return model
-
-
-def _cannot_disable(model):
-    raise MethodError("a full fine-tune has no adapter to disable: its weights replaced the base's. "
-                      "To compare with the base, load the base model without --adapter")
-
-
 def tied_names(model) -> set[str]:
-    """Return parameter names that share storage with an earlier one (saved once, e.g. tied lm_head)."""
+    """Return parameter names that share storage with an earlier one (saved once, e.g. a tied lm_head)."""
     seen: dict[int, str] = {}
     tied = set()
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -82,3 +65,15 @@ def tied_names(model) -> set[str]:
             tied.add(name)
         seen.setdefault(id(param), name)
     return tied
+
+
+def _mark(model):
+    # Per instance: generate(use_adapter=False) and the contract tests call disable_adapter on any
+    # method's model; a full fine-tune must say why it has none rather than quietly use its new weights.
+    model.disable_adapter = types.MethodType(_cannot_disable, model)
+    return model
+
+
+def _cannot_disable(model):
+    raise MethodError("a full fine-tune has no adapter to disable: its weights replaced the base's. "
+                      "To compare with the base, load the base model without --adapter")

@@ -30,21 +30,11 @@ def nudge(model, seed: int = 1) -> None:
                 p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.05)
 
 
-def build(tiny_model_dir, name):
+def base_and_logits(tiny_model_dir, name, batch):
+    """Return the base model as the method loads it, and its logits on the batch."""
     torch.manual_seed(0)
     base = load_tiny(tiny_model_dir, name)
-    base_logits = logits(base.eval(), batch_of(base))
-    return base, base_logits
-
-
-def batch_of(_model):
-    return pytest.batch  # set by the autouse fixture below
-
-
-@pytest.fixture(autouse=True)
-def _share_batch(batch):
-    pytest.batch = batch
-    yield
+    return base, logits(base.eval(), batch)
 
 
 def test_every_config_choice_has_a_builder():
@@ -55,12 +45,13 @@ def test_every_config_choice_has_a_builder():
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_save_then_load_gives_identical_logits(name, tiny_model_dir, batch, tmp_path):
-    base, _ = build(tiny_model_dir, name)
+    base, _ = base_and_logits(tiny_model_dir, name, batch)
     model = build_method(base, method_config(name)).eval()
     nudge(model)
     before = logits(model, batch)
     model.save_pretrained(tmp_path / "adapter", safe_serialization=True)
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    # Adapters: adapter_config.json; full fine-tuning: the whole model, as transformers saves it.
+    assert (tmp_path / "adapter" / ("config.json" if name == "full" else "adapter_config.json")).is_file()
     assert list((tmp_path / "adapter").glob("*.safetensors")), "weights must be saved as safetensors"
     assert not list((tmp_path / "adapter").glob("*.bin")), "no pickle files"
 
@@ -73,7 +64,7 @@ def test_save_then_load_gives_identical_logits(name, tiny_model_dir, batch, tmp_
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_fresh_adapter_and_disabled_adapter_against_base(name, tiny_model_dir, batch):
-    base, base_logits = build(tiny_model_dir, name)
+    base, base_logits = base_and_logits(tiny_model_dir, name, batch)
     model = build_method(base, method_config(name)).eval()
     fresh = logits(model, batch)
     if name in FRESH_CHANGES_LOGITS:
@@ -99,7 +90,7 @@ def test_full_fine_tune_refuses_to_disable(tiny_model_dir):
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_ten_steps_lower_the_loss_and_train_only_the_method(name, tiny_model_dir, batch):
-    base, _ = build(tiny_model_dir, name)
+    base, _ = base_and_logits(tiny_model_dir, name, batch)
     model = build_method(base, method_config(name))
     trainable = [p for p in model.parameters() if p.requires_grad]
     total = sum(p.numel() for p in model.parameters())
@@ -120,7 +111,7 @@ def test_ten_steps_lower_the_loss_and_train_only_the_method(name, tiny_model_dir
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_generate_uses_the_adapter_with_left_padding(name, tiny_model_dir, batch, tokenizer):
-    base, _ = build(tiny_model_dir, name)
+    base, _ = base_and_logits(tiny_model_dir, name, batch)
     model = build_method(base, method_config(name)).eval()
     nudge(model)
     ids, mask = batch["input_ids"], batch["attention_mask"]

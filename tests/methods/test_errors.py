@@ -30,7 +30,7 @@ def test_unknown_target_module_names_the_key_and_the_real_names(name, tiny_model
 
 
 def test_load_adapter_from_a_folder_without_one(tmp_path):
-    with pytest.raises(MethodError, match="no adapter_config.json: pass the adapter folder"):
+    with pytest.raises(MethodError, match=r"no adapter_config.json \(nor a full fine-tune's config.json.*pass the adapter folder"):
         load_adapter(None, tmp_path)
 
 
