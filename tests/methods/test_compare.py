@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,9 @@ from peftkit import compare as cmp
 from peftkit.cli import compare_cmds
 from peftkit.config import load_config
 from peftkit.methods import MethodError
+
+
+CONFIG = Path(__file__).with_name("compare.yaml")  # fixed values: the shared presets change as the demo is tuned
 
 
 def fake_runs(monkeypatch, fail: str | None = None) -> list:
@@ -38,11 +42,11 @@ def fake_runs(monkeypatch, fail: str | None = None) -> list:
 def test_table_chart_and_8b_figures_are_written(monkeypatch, tmp_path, tiny_overrides, capsys):
     calls = fake_runs(monkeypatch, fail="prompt")
     out = tmp_path / "cmp"
-    argv = ["configs/smollm2-135m/lora.yaml", "--methods", "lora,prompt,full", "--out", str(out), "--lr", "full=2e-5",
-            "--set", "train.max_steps=30", "--set", "train.batch_size=8", "--set", "data.packing=false"]
+    argv = [str(CONFIG), "--methods", "lora,prompt,full", "--out", str(out), "--lr", "full=2e-5",
+            "--set", "train.max_steps=30", "--set", "train.batch_size=8"]
     assert compare_cmds.main(argv) == 1  # one method failed
     table = (out / "methods.md").read_text()
-    assert "peftkit compare configs/smollm2-135m/lora.yaml --methods lora,prompt,full" in table
+    assert f"peftkit compare {CONFIG} --methods lora,prompt,full" in table
     assert "30 optimizer steps of batch 8" in table
     assert "| lora | rank 16, alpha 32, attention | 0.0005 | 1,000 | 0.000743% | 2.002 KiB | 900 MiB | 120 | 2.500 → 1.250 | 1.500 | 4.48 | 61 s |" in table
     assert "| prompt | 20 virtual tokens | 0.03 | failed: exit 1: out of memory / killed |" in table
@@ -63,16 +67,16 @@ def test_table_chart_and_8b_figures_are_written(monkeypatch, tmp_path, tiny_over
 def test_bad_method_or_config_fails_before_any_training(monkeypatch, tmp_path):
     calls = fake_runs(monkeypatch)
     with pytest.raises(MethodError, match="--methods lora,lorra: lorra is not a method; choose from lora"):
-        cmp.compare("configs/smollm2-135m/lora.yaml", ["lora", "lorra"], out_dir=tmp_path)
+        cmp.compare(CONFIG, ["lora", "lorra"], out_dir=tmp_path)
     from peftkit.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.max_step"):
-        cmp.compare("configs/smollm2-135m/lora.yaml", ["lora", "ia3"], overrides=["train.max_step=3"], out_dir=tmp_path)
+        cmp.compare(CONFIG, ["lora", "ia3"], overrides=["train.max_step=3"], out_dir=tmp_path)
     assert calls == []
 
 
 def test_bad_lr_option_says_how_to_write_it(tmp_path):
-    assert compare_cmds.main(["configs/smollm2-135m/lora.yaml", "--lr", "full:2e-5", "--out", str(tmp_path)]) == 2
+    assert compare_cmds.main([str(CONFIG), "--lr", "full:2e-5", "--out", str(tmp_path)]) == 2
 
 
 def test_one_real_method_trains_in_its_own_process(tiny_overrides, tmp_path):
@@ -80,7 +84,7 @@ def test_one_real_method_trains_in_its_own_process(tiny_overrides, tmp_path):
 
     out = tmp_path / "cmp"
     overrides = [o for o in tiny_overrides if not o.startswith(("train.output_dir", "train.max_steps"))] + ["train.max_steps=2"]
-    result = cmp.compare("configs/smollm2-135m/lora.yaml", ["ia3"], overrides=overrides, out_dir=out)
+    result = cmp.compare(CONFIG, ["ia3"], overrides=overrides, out_dir=out)
     (run,) = result.runs
     assert run.error is None, run.error
     metrics = json.loads((out / "ia3" / "metrics.json").read_text())
