@@ -7,6 +7,9 @@ generated as the base model) and left-padded prompts got shifted positions. Our 
 generates through the base model's own `generate` instead: the virtual tokens go in as a
 pre-filled cache (prefix) or as leading input embeddings (prompt), and position ids come
 from the attention mask, exactly as in the training forward pass.
+
+Packed training rows (several examples, a 4D block mask) are handled here too: peft would
+fail on the 4D mask; we let every example see the virtual tokens, as if trained alone.
 """
 from __future__ import annotations
 
@@ -36,14 +39,17 @@ class PromptLearningCausalLM(PeftModelForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         """Return the model output; packed batches (4D block masks) get the virtual tokens once per example."""
-        position_ids = kwargs.pop("position_ids", None)
-        if position_ids is None:
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   labels=labels, **kwargs)
-        if attention_mask is None or attention_mask.dim() != 4 or input_ids is None:
+        if attention_mask is not None and attention_mask.dim() == 4 and input_ids is not None:
+            position_ids = kwargs.pop("position_ids", None)
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            return self._packed_forward(input_ids, attention_mask, position_ids, labels, **kwargs)
+        position_ids = kwargs.get("position_ids")
+        if attention_mask is None and position_ids is not None and bool((position_ids[..., 1:] == 0).any()):
             raise MethodError("prefix and prompt tuning need data.packing=false, or packing with model.attn_implementation "
                               "sdpa or eager (a block mask per example); flash-attention packing gives them no mask to extend")
-        return self._packed_forward(input_ids, attention_mask, position_ids, labels, **kwargs)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, **kwargs)
 
     def _packed_forward(self, input_ids, mask, position_ids, labels, **kwargs):
         # peft would glue a 2D row of ones onto the 4D block mask (and fail) and, for prompt tuning,
