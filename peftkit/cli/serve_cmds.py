@@ -28,6 +28,7 @@ def register(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--served-name", help="name clients use for the base model (default: the --base value or folder name)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; fewer helps on a shared CPU)")
     p.add_argument("--no-mix", action="store_true",
                    help="run each adapter in its own batch instead of mixing LoRA adapters in one batch")
     p.add_argument("--engine", choices=["native", "vllm"], default="native",
@@ -47,7 +48,8 @@ def cmd_serve(args) -> int:
     serve(args.base, registry=args.registry, host=args.host, port=args.port, api_key=args.api_key,
           allow_no_auth=args.insecure_no_auth, dtype=args.dtype, served_name=args.served_name,
           max_loaded_adapters=args.max_loaded_adapters, max_batch_size=args.max_batch_size,
-          mix_adapters=not args.no_mix, max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes)
+          mix_adapters=not args.no_mix, max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes,
+          threads=args.threads)
     return 0
 
 

@@ -170,8 +170,8 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
             raise
         run = _Run(kind, oai.new_id(kind), body.model, handle, queue, metrics, route, started)
         if body.stream:
-            return StreamingResponse(run.sse(body.include_usage, release), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return ClosingStream(run.sse(request, body.include_usage, release), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             text, last = await run.collect(request)
         finally:
@@ -201,34 +201,38 @@ class _Run:
             self.metrics.record_generation(self.handle.profile.name, event.finish_reason, self.handle.prompt_tokens,
                                            event.completion_tokens)
 
+    async def next_event(self, gone: asyncio.Future):
+        """Return the next engine event, or None (after cancelling the generation) once the client is gone."""
+        get = asyncio.ensure_future(self.queue.get())
+        done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if get not in done:
+            get.cancel()
+            self.handle.cancel()
+            return None
+        event = get.result()
+        self._seen(event)
+        return event
+
     async def collect(self, request: Request):
         """Return (text, last event), or ("", None) after cancelling when the client disconnects first."""
         parts = []
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            while True:
-                get = asyncio.ensure_future(self.queue.get())
-                done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if get not in done:
-                    get.cancel()
-                    self.handle.cancel()
-                    return "", None
-                event = get.result()
-                self._seen(event)
+            while (event := await self.next_event(gone)) is not None:
                 parts.append(event.text)
                 if event.finish_reason:
                     return "".join(parts), event
+            return "", None
         finally:
             gone.cancel()
 
-    async def sse(self, include_usage: bool, release):
+    async def sse(self, request: Request, include_usage: bool, release):
         """Yield server-sent events: chunks, a final chunk with finish_reason, optional usage, then [DONE]."""
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
             if self.kind == "chat":
                 yield _data(oai.chunk_body("chat", self.rid, self.model, "", None, first=True))
-            while True:
-                event = await self.queue.get()
-                self._seen(event)
+            while (event := await self.next_event(gone)) is not None:
                 if event.error is not None:
                     status, type_, code = next((s, t, c) for cls, s, t, c in ERRORS if isinstance(event.error, cls))
                     yield _data(oai.error_body(str(event.error), type_, event.error.param, code))
@@ -240,12 +244,28 @@ class _Run:
                     if include_usage:
                         yield _data(oai.usage_chunk(self.kind, self.rid, self.model, self.handle.prompt_tokens,
                                                     event.completion_tokens))
+                    yield "data: [DONE]\n\n"
                     break
-            yield "data: [DONE]\n\n"
-        finally:  # also runs when the client disconnects and Starlette cancels the stream
+        finally:  # runs when the client disconnects too (see ClosingStream)
+            gone.cancel()
             if not self.handle.done.is_set():
                 self.handle.cancel()
             release()
+
+
+class ClosingStream(StreamingResponse):
+    """A StreamingResponse that always closes its body generator, so the generator's cleanup runs at once.
+
+    Starlette stops iterating when a send fails on a closed connection but leaves the generator
+    open until garbage collection; its `finally` (cancel the generation, free the concurrency slot)
+    would run at some unknown later time.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def _data(obj: dict[str, Any]) -> str:

@@ -46,13 +46,14 @@ class Engine:
 
     def __init__(self, base: str = "smollm2-135m-instruct", *, registry: str | None = None, dtype: str = "auto",
                  max_loaded_adapters: int = 8, max_batch_size: int = 16, served_name: str | None = None,
-                 mix_adapters: bool = True, device: str | None = None):
+                 mix_adapters: bool = True, device: str | None = None, threads: int | None = None):
         self.base = base
         self.registry_path = registry
         self.dtype = dtype
         self.device = device
         self.max_batch_size = max_batch_size
         self.mix_adapters = mix_adapters
+        self.threads = threads
         self.served_name = served_name or default_served_name(base)
         self.cache = AdapterCache(max_loaded_adapters, self._load_adapter, self._unload_adapter)
         self.context_length = 0
@@ -99,6 +100,12 @@ class Engine:
         from peftkit.models import load_base, load_tokenizer, resolve_model
 
         import peft  # noqa: F401 - imported now (seconds) rather than on the first adapter request
+
+        if self.threads:
+            # Set on the worker thread, which runs every forward. On a CPU shared with other jobs, fewer intra-op
+            # threads than cores keeps OpenMP threads from spinning against each other (measured on a shared
+            # 2-core machine: one thread ran a decode-sized matmul 40x faster than two).
+            torch.set_num_threads(self.threads)
 
         path = resolve_model(self.base)
         self.tokenizer = load_tokenizer(self.base)
@@ -241,26 +248,27 @@ class Engine:
         self._waiting = still_waiting
         for name, rows in joining.items():
             lane = self._lanes.setdefault(name, Lane(self._forward_for(name), self.tokenizer.pad_token_id, self.model.device))
-            self._run_lane(lane, rows, lambda: lane.add(rows), rows)
+            self._run_lane(lane, rows, lambda: lane.add(rows))
 
     def _step(self) -> None:
         for name, lane in list(self._lanes.items()):
             if lane.rows:
-                self._run_lane(lane, lane.rows, lambda: lane.step([r.output_ids[-1] for r in lane.rows]), list(lane.rows))
+                self._run_lane(lane, list(lane.rows), lambda: lane.step([r.output_ids[-1] for r in lane.rows]))
             if not lane.rows:
                 del self._lanes[name]
 
-    def _run_lane(self, lane: Lane, rows: list[Row], forward: Callable[[], torch.Tensor], fed: list[Row]) -> None:
+    def _run_lane(self, lane: Lane, fed: list[Row], forward: Callable[[], torch.Tensor]) -> None:
+        """Run one forward for the rows fed (joining rows, or the whole lane) and advance each by a token."""
         try:
             logits = forward()
-        except Exception as exc:  # noqa: BLE001 - fail this lane's rows, keep serving the others
+        except Exception as exc:  # noqa: BLE001 - fail the rows of this forward, keep serving the others
             log.exception("forward pass failed")
-            for r in list(lane.rows) + [r for r in fed if r not in lane.rows]:
+            for r in fed:
                 self._finish(r, "error", GenerationFailedError(f"generation failed: {type(exc).__name__}: {exc}"))
-            lane.remove(list(lane.rows))
+            lane.remove(fed)  # a failed prefill never joined; a failed step leaves the lane's cache unusable
             return
         self.stats["steps"] += 1
-        self.batch_sizes[len(lane.rows)] += 1
+        self.batch_sizes[len(fed)] += 1
         finished = []
         for row, token in zip(fed, pick_tokens(logits, fed)):
             if self._advance(row, token):

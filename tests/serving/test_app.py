@@ -114,6 +114,7 @@ def test_body_size_limit_is_413_with_or_without_content_length(server):
 
 
 def test_concurrency_limit_answers_429_with_retry_after(server, client, engine):
+    cancelled = engine.snapshot()["finished"].get("cancelled", 0)
     streams = [client.chat.completions.create(model="lora3", messages=USER, max_tokens=300, stream=True) for _ in range(4)]
     try:
         for s in streams:
@@ -125,7 +126,8 @@ def test_concurrency_limit_answers_429_with_retry_after(server, client, engine):
     finally:
         for s in streams:
             s.close()
-    _wait(lambda: engine.snapshot()["running_requests"] == 0)
+    # The server frees a slot when it notices the disconnect, in the same step as it cancels the generation.
+    _wait(lambda: engine.snapshot()["finished"].get("cancelled", 0) == cancelled + 4)
     assert client.chat.completions.create(model="lora3", messages=USER, max_tokens=2).usage.completion_tokens == 2
 
 
@@ -184,3 +186,18 @@ def _wait(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_load_script_measures_mixed_traffic_on_loopback_only(server):
+    import asyncio
+
+    from serving_helpers import LORA_NAMES
+
+    from peftkit.bench.serve_load import check_loopback, run_scenario
+
+    result = asyncio.run(run_scenario(server, KEY, LORA_NAMES[:8], requests=16, concurrency=4, max_tokens=3, max_seconds=120))
+    assert (result["ok"], result["errors"], result["unsent"], result["models"]) == (16, {}, 0, 8)
+    assert result["completion_tokens"] == 16 * 3 and 0 < result["p50_s"] <= result["p99_s"]
+    check_loopback("http://127.0.0.1:8000")
+    with pytest.raises(SystemExit, match="only loopback"):
+        check_loopback("http://10.1.2.3:8000")

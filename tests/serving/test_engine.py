@@ -154,3 +154,22 @@ def test_cancel_stops_generation(engine):
     last = list(handle.events(60))[-1]
     assert last.finish_reason == "cancelled" and last.completion_tokens < 400
     assert engine.snapshot()["running_requests"] == 0
+
+
+def test_a_failed_forward_fails_its_requests_not_the_server(engine, monkeypatch):
+    from peftkit.serving import batcher
+    from peftkit.serving.errors import GenerationFailedError
+
+    real_add, calls = batcher.Lane.add, []
+
+    def add_failing_once(self, rows):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real_add(self, rows)
+
+    monkeypatch.setattr(batcher.Lane, "add", add_failing_once)
+    with pytest.raises(GenerationFailedError, match="out of memory"):
+        engine.generate(chat("lora1"), timeout=60)
+    assert engine.generate(chat("lora1"), timeout=60).completion_tokens == 8
+    assert engine.snapshot()["running_requests"] == 0 and engine.ready
