@@ -18,6 +18,7 @@ GROUPS = (
     "peftkit.cli.data_cmds",
     "peftkit.cli.registry_cmds",
     "peftkit.cli.serve_cmds",
+    "peftkit.cli.compare_cmds",
 )
 
 
