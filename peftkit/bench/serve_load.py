@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import os
 import platform
@@ -51,12 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_loopback(url: str) -> None:
     """Refuse any target that is not this machine: the load script never sends traffic elsewhere."""
-    host = urlparse(url).hostname or ""
-    try:
-        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        ok = False
-    if not ok:
+    from peftkit.serving.server import is_loopback
+
+    if not is_loopback(urlparse(url).hostname or ""):
         raise SystemExit(f"--url {url}: only loopback addresses (127.0.0.1, ::1, localhost) are allowed")
 
 

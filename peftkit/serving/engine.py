@@ -57,7 +57,7 @@ class Engine:
         self.served_name = served_name or default_served_name(base)
         self.cache = AdapterCache(max_loaded_adapters, self._load_adapter, self._unload_adapter)
         self.context_length = 0
-        self.stats = collections.Counter()  # steps, rows_stepped, tokens, prompt_tokens, finished_<reason>, ...
+        self.stats = collections.Counter()  # steps, tokens, finished_<reason>, adapter_load_seconds_total
         self.batch_sizes: collections.Counter = collections.Counter()  # rows per forward -> forwards
         self.error: BaseException | None = None
         self._queue: collections.deque[tuple[Row, Handle, Profile]] = collections.deque()
@@ -131,6 +131,8 @@ class Engine:
             raise EngineUnavailableError("the model is still loading" if not self._ready.is_set() else "the engine has stopped")
         staged = [self._prepare(r, on_event) for r in requests]
         with self._cond:
+            if self._stopping:  # the worker may already have failed what was queued; nothing would serve these
+                raise EngineUnavailableError("the engine has stopped")
             self._queue.extend(staged)
             self._cond.notify_all()
         return [handle for _, handle, _ in staged]

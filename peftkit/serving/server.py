@@ -26,15 +26,17 @@ class BackgroundServer:
         self.thread.join(timeout)
 
 
+def is_loopback(host: str) -> bool:
+    """Return True for an address of this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_exposure(host: str, api_key: str | None, allow_no_auth: bool = False) -> None:
     """Raise ServingError when asked to listen beyond loopback without an API key."""
-    if api_key or allow_no_auth:
-        return
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not (api_key or allow_no_auth or is_loopback(host)):
         raise ServingError(f"refusing to listen on {host} without an API key: anyone who can reach it could use the "
                            "server. Pass --api-key KEY (or set PEFTKIT_API_KEY), or --insecure-no-auth to accept this")
 

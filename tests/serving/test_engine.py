@@ -173,3 +173,28 @@ def test_a_failed_forward_fails_its_requests_not_the_server(engine, monkeypatch)
         engine.generate(chat("lora1"), timeout=60)
     assert engine.generate(chat("lora1"), timeout=60).completion_tokens == 8
     assert engine.snapshot()["running_requests"] == 0 and engine.ready
+
+
+TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+            "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+
+
+def test_prompts_and_stops_follow_the_adapters_training_settings(engine, adapter_dirs, tmp_path, tokenizer):
+    import json
+    import shutil
+
+    from peftkit.data import build_prompt_ids, stop_token_ids
+    from peftkit.registry import Registry
+
+    folder = tmp_path / "trained"
+    shutil.copytree(adapter_dirs["lora5"], folder)
+    data = {"system_prompt": "You are Fernhill Support.", "chat_template": TEMPLATE}
+    (folder / "peftkit.json").write_text(json.dumps({"method": "lora", "config": {"data": data}}))
+    Registry(engine.registry_path).add(folder, name="templated", base_model_dir=engine.base)
+    messages = [{"role": "user", "content": "Where is my order?"}]
+    handle = engine.submit(GenerationRequest(model="templated", messages=messages, max_tokens=2, temperature=0))
+    expected = build_prompt_ids(tokenizer, messages, system_prompt=data["system_prompt"], chat_template=TEMPLATE)
+    assert handle.prompt_tokens == len(expected) != engine.submit(chat("lora5")).prompt_tokens
+    assert handle.profile.stop_ids == frozenset(stop_token_ids(tokenizer, chat_template=TEMPLATE))
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in handle.profile.stop_ids
+    handle.result(60)
