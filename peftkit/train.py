@@ -55,11 +55,13 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     from peftkit.trainer import SafeTrainer, StopOnSignal
 
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = out / "checkpoints"
-    ckpts.recover_swap(out / "adapter")
-    ckpts.clean_staging(out)
-    ckpts.clean_staging(checkpoint_dir)
+    main = is_main_process()  # under torchrun/accelerate launch only rank 0 writes the run dir
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpts.recover_swap(out / "adapter")
+        ckpts.clean_staging(out)
+        ckpts.clean_staging(checkpoint_dir)
     set_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision)
@@ -67,9 +69,10 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     base_dir = resolve_model(cfg.model.name, cfg.model.revision)
     state = {"base_fingerprint": base_fingerprint(base_dir), "data_fingerprint": prepared.fingerprint,
              "config": ckpts.flatten(config_to_dict(cfg))}
-    start_from = resume_point(out, checkpoint_dir, state, resume=resume, force=force_resume)
-    save_config(cfg, out / "config.yaml")
-    ckpts.write_run_state(out, status="running", **state)
+    start_from = resume_point(out, checkpoint_dir, state, resume=resume, force=force_resume, main=main)
+    if main:
+        save_config(cfg, out / "config.yaml")
+        ckpts.write_run_state(out, status="running", **state)
 
     model = load_base(cfg.model.name, dtype=cfg.model.dtype, quantize_4bit=cfg.method.name == "qlora",
                       revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
@@ -100,7 +103,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
     wall = time.perf_counter() - started
     if stop.requested:
-        ckpts.write_run_state(out, status="interrupted", step=trainer.state.global_step, **state)
+        if main:
+            ckpts.write_run_state(out, status="interrupted", step=trainer.state.global_step, **state)
         raise ckpts.TrainingInterrupted(
             f"training stopped by {stop.requested} at step {trainer.state.global_step}; checkpoint saved in "
             f"{ckpts.latest_complete_checkpoint(checkpoint_dir)}. Resume with the same command plus --resume")
@@ -137,7 +141,10 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         "parent": cfg.method.init_from,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    adapter_dir = save_adapter(model, tokenizer, out / "adapter", cfg, lineage)
+    adapter_dir = out / "adapter"
+    if not main:
+        return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, model=model)
+    save_adapter(model, tokenizer, adapter_dir, cfg, lineage)
     write_json(out / "metrics.json", metrics)
     plot_losses(trainer.state.log_history, out / "loss.png")
     ckpts.write_run_state(out, status="finished", step=trainer.state.global_step, **state)
@@ -148,7 +155,12 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, registry_ref=ref, model=model)
 
 
-def resume_point(out: Path, checkpoint_dir: Path, state: dict, *, resume: bool, force: bool) -> Path | None:
+def is_main_process() -> bool:
+    """Return False on the non-zero ranks of a torchrun / accelerate launch job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resume_point(out: Path, checkpoint_dir: Path, state: dict, *, resume: bool, force: bool, main: bool = True) -> Path | None:
     """Return the checkpoint to continue from (None for a fresh start), refusing a resume that changes what is trained."""
     previous = ckpts.read_run_state(out)
     latest = ckpts.latest_complete_checkpoint(checkpoint_dir)
@@ -156,7 +168,7 @@ def resume_point(out: Path, checkpoint_dir: Path, state: dict, *, resume: bool, 
     if resume and latest is None:
         raise PeftkitError(f"--resume: there is no complete checkpoint in {checkpoint_dir}; run without --resume to start")
     if not (resume or interrupted):
-        if checkpoint_dir.exists():  # a finished run's checkpoints would confuse a new one
+        if main and checkpoint_dir.exists():  # a finished run's checkpoints would confuse a new one
             shutil.rmtree(checkpoint_dir)
         return None
     if previous is not None:
@@ -202,6 +214,7 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, 
         bf16=bf16 and torch.cuda.is_available(),  # on CPU the weights are already bf16; autocast adds copies
         report_to="none",
         remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),  # also makes torchrun/accelerate launch on CPUs use gloo DDP
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,

@@ -27,7 +27,9 @@ class SafeTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The vocabulary projection and its log-softmax are about a fifth of a small model's step, and
         # chat data trains on well under half of its tokens: skip the rows of logits nobody learns from.
-        if return_outputs or not self.sparse_logits or "labels" not in inputs:
+        # A DDP/FSDP wrapper must run its own forward (it syncs gradients there), so wrapped models take the stock path.
+        wrapped = model is not self.accelerator.unwrap_model(model)
+        if return_outputs or not self.sparse_logits or wrapped or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         inputs = dict(inputs)
@@ -57,21 +59,18 @@ class SafeTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
-        self._staging_root = run_dir / f".staging-{os.getpid()}"
-        shutil.rmtree(self._staging_root, ignore_errors=True)
+        main = self.args.should_save
+        # One staging folder per step, shared by all ranks: under `accelerate launch` every rank writes
+        # its own RNG state into the checkpoint, and only the main process stamps and renames it.
+        self._staging_root = run_dir / f".staging-{self.state.global_step}"
+        if main:
+            shutil.rmtree(self._staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         try:
             super()._save_checkpoint(model, trial)  # writes into the staging root, not the run dir
-            staged = self._staging_root / name
-            pause = float(os.environ.get("PEFTKIT_FAULT_SAVE_PAUSE", "0"))  # fault-injection hook for kill tests
-            if pause:
-                time.sleep(pause)
-            (staged / MARKER).write_text(json.dumps({"step": self.state.global_step, "saved_at": time.time()}))
-            fsync_tree(staged)
-            final = run_dir / name
-            if final.exists():  # re-saving a step after a resume: hide the old copy first
-                _remove(final)
-            os.rename(staged, final)
-            fsync_dir(run_dir)
+            self.accelerator.wait_for_everyone()
+            if main:
+                self._publish(self._staging_root / name, run_dir / name)
         except Exception as exc:
             if _is_disk_full(exc):
                 raise DiskFullError(
@@ -79,9 +78,23 @@ class SafeTrainer(Trainer):
                     f"are intact. Free some space and run the same command with --resume") from None
             raise
         finally:
-            shutil.rmtree(self._staging_root, ignore_errors=True)
+            if main:
+                shutil.rmtree(self._staging_root, ignore_errors=True)
             self._staging_root = None
-        self._rotate(run_dir)
+        self.accelerator.wait_for_everyone()
+        if main:
+            self._rotate(run_dir)
+
+    def _publish(self, staged: Path, final: Path) -> None:
+        pause = float(os.environ.get("PEFTKIT_FAULT_SAVE_PAUSE", "0"))  # fault-injection hook for kill tests
+        if pause:
+            time.sleep(pause)
+        (staged / MARKER).write_text(json.dumps({"step": self.state.global_step, "saved_at": time.time()}))
+        fsync_tree(staged)
+        if final.exists():  # re-saving a step after a resume: hide the old copy first
+            _remove(final)
+        os.rename(staged, final)
+        fsync_dir(final.parent)
 
     def _rotate(self, run_dir: Path) -> None:
         limit = self.args.save_total_limit

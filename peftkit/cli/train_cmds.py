@@ -64,6 +64,10 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, force_resume=args.force_resume,
                    register=False if args.no_register else None)
+    from peftkit.train import is_main_process
+
+    if not is_main_process():
+        return 0
     m = result.metrics
     print(f"adapter: {result.adapter_dir}")
     print(f"train loss {m['train_loss_first']} -> {m['train_loss']}, eval loss {m['eval_loss']}, "
