@@ -91,4 +91,4 @@ def test_one_real_method_trains_in_its_own_process(tiny_overrides, tmp_path):
     assert run.metrics == metrics and metrics["steps"] == 2 and metrics["peak_memory_mb"] > 0
     assert run.adapter_bytes == sum((out / "ia3" / "adapter" / n).stat().st_size
                                     for n in ("adapter_config.json", "adapter_model.safetensors"))
-    assert "| ia3 | scales k_proj, v_proj, down_proj | 0.003 |" in (out / "methods.md").read_text()
+    assert "| ia3 | scales k_proj, v_proj, down_proj | 0.03 |" in (out / "methods.md").read_text()
