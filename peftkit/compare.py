@@ -237,7 +237,8 @@ def machine() -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, no GPU, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, no GPU, torch {torch.__version__} ({threads} thread{'s' * (threads != 1)})"
 
 
 def budget_words(t) -> str:
