@@ -71,12 +71,11 @@ def test_loss_goes_down(tiny_overrides):
 
 def test_trained_adapter_learns_to_stop(tiny_model_dir, tmp_path):
     """The end-of-turn token is in the loss, so a trained adapter ends its answer instead of running on."""
-    from conftest import write_jsonl
-
     from peftkit.generate import generate, load_session
 
-    rows = [{"messages": [{"role": "user", "content": "Say the code."}, {"role": "assistant", "content": "ALPHA 7"}]}] * 32
-    data = write_jsonl(tmp_path / "one.jsonl", rows)
+    row = {"messages": [{"role": "user", "content": "Say the code."}, {"role": "assistant", "content": "ALPHA 7"}]}
+    data = tmp_path / "one.jsonl"
+    data.write_text((json.dumps(row) + "\n") * 32, encoding="utf-8")
     cfg = load_config(None, [f"model.name={tiny_model_dir}", "model.dtype=fp32", f"data.path={data}",
                              "data.eval_fraction=0", "train.max_steps=60", "train.batch_size=8", "train.learning_rate=0.02",
                              "train.warmup_ratio=0", "method.target_modules=all-linear", "train.save_steps=1000",
@@ -134,7 +133,7 @@ def test_bundled_model_trains_end_to_end(tmp_path):
         f"train.output_dir={tmp_path / 'run'}", "registry.register=false"])
     result = train(cfg)
     assert result.metrics["steps"] == 3 and result.metrics["eval_loss"] < 10
-    assert 0 < result.metrics["trainable_percent"] < 1
+    assert 0 < result.metrics["trainable_percent"] < 2  # r=16 on the attention projections: 1.35%
     session = load_session(str(result.adapter_dir))
     [reply] = generate(session, [[{"role": "user", "content": "What are your store hours?"}]], max_new_tokens=16)
     assert reply
