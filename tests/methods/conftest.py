@@ -1,25 +1,7 @@
-"""Fixtures for the method tests: small method configs, a fixed batch, and base loading by method."""
+"""Fixtures for the method tests: a fixed, left-padded batch (helpers live in method_helpers.py)."""
 from __future__ import annotations
 
 import pytest
-
-from peftkit.config import MethodConfig
-
-ALL_METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "ia3", "bottleneck", "full")
-# Small sizes keep the tiny model's tests fast; every other field is the config default.
-SMALL = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "num_virtual_tokens": 4, "reduction_factor": 8}
-
-
-def method_config(name: str, **fields) -> MethodConfig:
-    """Return a MethodConfig for name with small sizes (fields override them)."""
-    return MethodConfig(name=name, **{**SMALL, **fields})
-
-
-def load_tiny(tiny_model_dir, method: str):
-    """Return the tiny Llama as that method's training loads it (4-bit NF4 for qlora, else fp32)."""
-    from peftkit.models import load_base
-
-    return load_base(str(tiny_model_dir), dtype="fp32", quantize_4bit=method == "qlora")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from peftkit.methods import MethodError, build_method, load_adapter
-from tests.methods.conftest import load_tiny, method_config
+from method_helpers import load_tiny, method_config
 
 
 def test_saved_folder_describes_the_adapter(tiny_model_dir, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from peftkit.methods import METHODS, MethodError, build_method, load_adapter
-from tests.methods.conftest import ALL_METHODS, load_tiny, method_config
+from method_helpers import ALL_METHODS, load_tiny, method_config
 
 # What a freshly built adapter does to the base's logits: LoRA (B=0), IA3 (ones), bottleneck
 # (zero up-projection) and full (untouched weights) change nothing; virtual tokens change everything.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from peftkit.methods import MethodError, build_method, load_adapter
-from tests.methods.conftest import load_tiny, method_config
+from method_helpers import load_tiny, method_config
 
 
 def test_unknown_method_lists_the_choices(tiny_model_dir):

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from peftkit.compare import preset_method
 from peftkit.methods import build_method
 from peftkit.methods.footprint import llama31_8b_config, measure
-from tests.methods.conftest import ALL_METHODS, load_tiny, method_config
+from method_helpers import ALL_METHODS, load_tiny, method_config
 
 # Llama 3.1 8B: hidden 4096, MLP 14336, 32 layers, 8 key/value heads of 128 -> k/v width 1024.
 H, I, L, KV, VOCAB = 4096, 14336, 32, 1024, 128256

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from peftkit.methods import build_method
-from tests.methods.conftest import load_tiny, method_config
+from method_helpers import load_tiny, method_config
 
 
 def adapted(model) -> set[str]:

@@ -6,7 +6,7 @@ import torch
 
 from peftkit.data.packing import Collator
 from peftkit.methods import MethodError, build_method
-from tests.methods.conftest import ALL_METHODS, load_tiny, method_config
+from method_helpers import ALL_METHODS, load_tiny, method_config
 
 FIRST, SECOND = list(range(100, 107)), list(range(200, 211))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from peftkit.methods import build_method
-from tests.methods.conftest import load_tiny, method_config
+from method_helpers import load_tiny, method_config
 
 
 def test_prefix_starts_as_the_cache_of_real_tokens(tiny_model_dir, batch):
