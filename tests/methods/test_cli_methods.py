@@ -12,17 +12,6 @@ from peftkit.cli import main
 FAMILIES = {"qlora": "LORA", "prefix": "PREFIX_TUNING", "ia3": "IA3", "bottleneck": "PEFTKIT_BOTTLENECK", "full": None}
 
 
-def _data_pipeline_ready() -> bool:
-    try:
-        from peftkit.data import build_collator, prepare  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _data_pipeline_ready(), reason="peftkit.data.prepare is not written yet")
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_train_save_load_generate_from_the_cli(name, tiny_overrides, tmp_path, capsys):
     config = tmp_path / "run.yaml"
