@@ -210,12 +210,10 @@ def write_chart(runs: list[MethodRun], path: Path) -> None:
     colors = [plt.cm.tab10(i % 10) for i in range(len(done))]
     for ax, (title, value, log) in zip(axes.flat, panels):
         values = [value(r) for r in done]
-        ax.bar_label(ax.bar(names, values, color=colors), fmt="%.3g", fontsize=8)
+        ax.bar_label(ax.bar(names, values, color=colors), fmt="%.4g", fontsize=8)  # exact values on the bars
         ax.set_title(title)
         if log:
             ax.set_yscale("log")
-        elif "loss" in title and values:  # losses differ in the decimals: do not start the axis at zero
-            ax.set_ylim(min(values) * 0.95, max(values) * 1.03)
         ax.tick_params(axis="x", rotation=45)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
