@@ -157,7 +157,7 @@ def report(runs: list[MethodRun], footprints: list, *, command: str | None, budg
 def measured_table(runs: list[MethodRun]) -> str:
     """Return the markdown table of measured runs (failed runs keep their row with the error)."""
     head = ("| method | settings | lr | trainable params | % of base | adapter on disk | peak memory | tokens/s "
-            "| train loss (first → last) | eval loss | eval perplexity | wall time |\n"
+            "| train loss (first → last) | eval loss | eval token accuracy | wall time |\n"
             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     rows = [head]
     for r in runs:
@@ -170,7 +170,7 @@ def measured_table(runs: list[MethodRun]) -> str:
             f"| {r.method} | {r.settings} | {r.learning_rate:g} | {m['trainable_parameters']:,} | {base_percent(r):.3g}% "
             f"| {human_bytes(r.adapter_bytes)} | {m['peak_memory_mb']:,.0f} MiB | {_num(m['tokens_per_second'], '.0f')} "
             f"| {_num(m.get('train_loss_first'), '.3f')} → {_num(m['train_loss'], '.3f')} | {_num(m['eval_loss'], '.3f')} "
-            f"| {_num(m['eval_perplexity'], '.2f')} | {m['wall_time_s']:.0f} s |")
+            f"| {_percent(m.get('eval_token_accuracy'))} | {m['wall_time_s']:.0f} s |")
     return "\n".join(rows)
 
 
@@ -203,7 +203,7 @@ def write_chart(runs: list[MethodRun], path: Path) -> None:
               ("adapter on disk, MiB (log)", lambda r: r.adapter_bytes / 2**20, True),
               ("peak memory, MiB", lambda r: r.metrics["peak_memory_mb"], False),
               ("tokens per second", lambda r: r.metrics["tokens_per_second"] or 0, False),
-              ("final train loss", lambda r: r.metrics["train_loss"] or 0, False),
+              ("eval token accuracy, %", lambda r: 100 * (r.metrics.get("eval_token_accuracy") or 0), False),
               ("eval loss", lambda r: r.metrics["eval_loss"] or 0, False)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     names = [r.method for r in done]
@@ -264,3 +264,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def _num(value, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
+
+
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%"

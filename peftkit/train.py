@@ -52,7 +52,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     from peftkit.data import build_collator, prepare
     from peftkit.methods import build_method, load_adapter
     from peftkit.models import base_config_dict, load_base, load_tokenizer, resolve_dtype, resolve_model
-    from peftkit.trainer import SafeTrainer, StopOnSignal
+    from peftkit.trainer import SafeTrainer, StopOnSignal, token_accuracy, token_predictions
 
     out = Path(cfg.train.output_dir)
     checkpoint_dir = out / "checkpoints"
@@ -96,6 +96,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         data_collator=build_collator(tokenizer, packing=cfg.data.packing, attn_implementation=cfg.model.attn_implementation),
         processing_class=tokenizer,
         callbacks=[StopOnSignal(stop)],
+        compute_metrics=token_accuracy,
+        preprocess_logits_for_metrics=token_predictions,
     )
     trainer.sparse_logits = cfg.method.name in SPARSE_LOGIT_METHODS
     started = time.perf_counter()
@@ -108,13 +110,15 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         raise ckpts.TrainingInterrupted(
             f"training stopped by {stop.requested} at step {trainer.state.global_step}; checkpoint saved in "
             f"{ckpts.latest_complete_checkpoint(checkpoint_dir)}. Resume with the same command plus --resume")
-    eval_loss = trainer.evaluate()["eval_loss"] if prepared.eval is not None else None
+    evaluation = trainer.evaluate() if prepared.eval is not None else {}
+    eval_loss = evaluation.get("eval_loss")
 
     metrics = {
         "train_loss": last_logged(trainer.state.log_history, "loss"),
         "train_loss_first": first_logged(trainer.state.log_history, "loss"),
         "eval_loss": eval_loss,
         "eval_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+        "eval_token_accuracy": evaluation.get("eval_token_accuracy"),
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "resumed_from_step": int(start_from.name.split("-")[-1]) if start_from else None,
@@ -214,6 +218,7 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, 
         bf16=bf16 and torch.cuda.is_available(),  # on CPU the weights are already bf16; autocast adds copies
         report_to="none",
         remove_unused_columns=False,
+        label_names=["labels"],  # PEFT wrappers hide the label argument from transformers' signature check
         use_cpu=not torch.cuda.is_available(),  # also makes torchrun/accelerate launch on CPUs use gloo DDP
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -284,6 +289,7 @@ def model_card(cfg: RunConfig, lineage: dict) -> str:
     fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     rows = [("train loss (first -> last)", f"{fmt(m['train_loss_first'])} -> {fmt(m['train_loss'])}"),
             ("eval loss", fmt(m["eval_loss"])), ("eval perplexity", fmt(m["eval_perplexity"])),
+            ("eval token accuracy", fmt(m.get("eval_token_accuracy"))),
             ("steps", fmt(m["steps"])), ("tokens trained", fmt(m["tokens_trained"])),
             ("tokens per second", fmt(m["tokens_per_second"])), ("wall time (s)", fmt(m["wall_time_s"])),
             ("trainable parameters", f"{m['trainable_parameters']:,} of {m['total_parameters']:,} ({m['trainable_percent']:.3f}%)"),

@@ -106,6 +106,23 @@ class SafeTrainer(Trainer):
             _remove(old)
 
 
+def token_predictions(logits, labels):
+    """Reduce eval logits to the predicted token ids, so evaluation keeps (batch, length) ints, not vocab-wide rows."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    # Prompt tuning returns logits for its virtual tokens too, in front of the real ones.
+    return logits[:, -labels.shape[1]:].argmax(-1)
+
+
+def token_accuracy(prediction) -> dict:
+    """Share of trained eval tokens whose top-1 prediction is the reference token (eval loss's plain-language twin)."""
+    predicted, labels = prediction.predictions, prediction.label_ids
+    predicted, labels = predicted[:, :-1], labels[:, 1:]  # position t predicts token t+1
+    trained = labels != -100
+    total = int(trained.sum())
+    return {"token_accuracy": float((predicted[trained] == labels[trained]).sum() / total) if total else 0.0}
+
+
 def _remove(folder: Path) -> None:
     # Rename first so a kill during the delete never leaves a half-deleted folder that still looks complete.
     hidden = folder.with_name(f".deleting-{folder.name}-{os.getpid()}")

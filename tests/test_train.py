@@ -188,3 +188,33 @@ def test_training_registers_with_lineage_and_opt_out(tiny_overrides, tmp_path, p
         assert word in text, word
     assert reg.show("colours:demo").version == 2
     assert (reg.checkout("colours@1") / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_eval_token_accuracy_matches_a_hand_count(tiny_overrides, method):
+    """The reported eval token accuracy equals argmax-vs-label counted row by row (prompt tuning adds virtual-token logits)."""
+    from peftkit.data import prepare
+    from peftkit.models import load_tokenizer
+
+    cfg = load_config("configs/smollm2-135m/lora.yaml", [*tiny_overrides, f"method.name={method}", "data.packing=false",
+                                                         "data.eval_fraction=0.3", "method.num_virtual_tokens=4",
+                                                         "train.max_steps=25", "train.learning_rate=0.03", "train.save_steps=100"])
+    result = train(cfg, register=False)
+    reported = result.metrics["eval_token_accuracy"]
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    rows = prepare(cfg.data, tokenizer, seed=cfg.train.seed).eval
+    model = result.model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["input_ids"]])
+            labels = torch.tensor(row["labels"])
+            logits = model(input_ids=ids).logits[0, -len(labels):]
+            predicted, target = logits.argmax(-1)[:-1], labels[1:]
+            trained = target != -100
+            right += int((predicted[trained] == target[trained]).sum())
+            total += int(trained.sum())
+    assert total > 0 and 0 < reported <= 1
+    assert reported == pytest.approx(right / total, abs=1e-9)
+    assert result.metrics["eval_loss"] is not None
