@@ -1,4 +1,4 @@
-"""Which model a request names, and the LRU of adapters loaded into the one shared PeftModel.
+"""Which model a request names, and the LRU of adapters loaded beside the one base model.
 
 Clients name models by registry reference (`name`, `name@3`, `name:stable`) or by the base model's
 served name. A name is looked up in the registry catalog and nowhere else: it is never read as a
@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 from peftkit.errors import PeftkitError
 from peftkit.serving.errors import UnknownModelError, UnsupportedAdapterError
+from peftkit.serving.kinds import LORA, VIRTUAL
 
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 MAX_MODEL_NAME = 256
-SERVED_METHODS = ("lora", "qlora", "dora")
+SERVED_METHODS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3", "bottleneck", "full")
 PROFILE_CACHE = 1024
 
 
@@ -38,8 +39,10 @@ class Profile:
     """peft adapter name inside the shared PeftModel, derived from the files' digest; None for the base."""
     folder: Path | None
     method: str
+    kind: str
+    """How the engine runs it: lora, dora, virtual or model (see peftkit.serving.kinds); "base" for the base."""
     mixable: bool
-    """LoRA without DoRA: rows may share a forward with other adapters through peft's adapter_names."""
+    """Rows may share a forward with other adapters' rows: LoRA without DoRA (adapter_names), prefix and prompt tuning."""
     system_prompt: str | None
     chat_template: str | None
     stop_ids: frozenset[int]
@@ -58,7 +61,7 @@ class Resolver:
         self._local = threading.local()  # sqlite connections may not cross threads
         self._profiles: OrderedDict[str, Profile] = OrderedDict()
         self._lock = threading.Lock()
-        self.base = Profile(base_name, None, None, None, "base", True, None, None, self._stops(None))
+        self.base = Profile(base_name, None, None, None, "base", "base", True, None, None, self._stops(None))
 
     def registry(self):
         """Return this thread's Registry handle."""
@@ -99,8 +102,7 @@ class Resolver:
     def servable(self, entry) -> str | None:
         """Return why this server cannot run a registry entry, or None when it can."""
         if (entry.method or "").lower() not in SERVED_METHODS:
-            return (f"method {entry.method!r} is not served here; this server runs LoRA-family adapters "
-                    f"({', '.join(SERVED_METHODS)})")
+            return f"method {entry.method!r} is not one this server runs ({', '.join(SERVED_METHODS)})"
         if entry.base_fingerprint and self.base_fingerprint and entry.base_fingerprint != self.base_fingerprint:
             return (f"it was trained on base {entry.base_model or entry.base_fingerprint[:19]} and this server runs "
                     f"{self.base_name}; start a server with --base set to that model")
@@ -110,11 +112,16 @@ class Resolver:
         why = self.servable(entry)
         if why:
             raise UnsupportedAdapterError(f"adapter {entry.ref} cannot be served: {why}", param="model")
+        from peftkit.methods.full import is_full_finetune
+        from peftkit.serving.kinds import adapter_kind
+
         folder = Path(self.registry().checkout(entry.ref))
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-        if config.get("peft_type") != "LORA":
-            raise UnsupportedAdapterError(f"adapter {entry.ref} cannot be served: its peft_type is "
-                                          f"{config.get('peft_type')!r}, not LORA", param="model")
+        config = None if is_full_finetune(folder) else json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        kind = adapter_kind(config)
+        if kind is None:
+            raise UnsupportedAdapterError(f"adapter {entry.ref} cannot be served: its peft_type {config.get('peft_type')!r} "
+                                          "is not one this server runs (LoRA, DoRA, prefix, prompt, IA3, bottleneck, "
+                                          "or a full fine-tune)", param="model")
         data = ((entry.config or {}).get("data") or {}) if isinstance(entry.config, dict) else {}
         template = data.get("chat_template") or _saved_template(folder)
         try:
@@ -122,8 +129,8 @@ class Resolver:
         except PeftkitError as exc:
             raise UnsupportedAdapterError(f"adapter {entry.ref} cannot be served: its chat template fails here ({exc})",
                                           param="model") from None
-        return Profile(entry.name, entry.ref, "ad_" + entry.content_sha256[:16], folder, entry.method,
-                       not config.get("use_dora", False), data.get("system_prompt"), template, stops)
+        return Profile(entry.name, entry.ref, "ad_" + entry.content_sha256[:16], folder, entry.method, kind,
+                       kind in (LORA, VIRTUAL), data.get("system_prompt"), template, stops)
 
     def _stops(self, chat_template: str | None) -> frozenset[int]:
         from peftkit.serving.prompts import stop_token_ids

@@ -15,8 +15,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-# forward(input_ids, attention_mask, position_ids, cache, adapter_names) -> logits of the last position [B, V]
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, list[str]], torch.Tensor]
+# forward(input_ids, attention_mask, position_ids, cache, adapter_names, inputs_embeds) -> last position's logits [B, V]
+# (input_ids is None when inputs_embeds carries the input instead).
+Forward = Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor, Any, list[str], torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(eq=False)
@@ -25,12 +26,14 @@ class Row:
 
     prompt_ids: list[int]
     adapter: str
-    """peft adapter name for this row, or "__base__" for the base model."""
+    """The adapter this row runs (its cache key), or "__base__" for the base model."""
     max_tokens: int
     stop_ids: frozenset[int]
     temperature: float = 0.0
     top_p: float = 1.0
     generator: torch.Generator | None = None
+    peft_name: str = ""
+    """The name handed to peft's adapter_names: the adapter for LoRA rows, "__base__" for every other row."""
     output_ids: list[int] = field(default_factory=list)
     position: int = 0
     """Position id of the next token fed to the model (the number of real tokens it has seen)."""
@@ -38,13 +41,20 @@ class Row:
     """The row holds a pin on its adapter in the cache (released when it finishes)."""
     owner: Any = None
     """The engine's bookkeeping for this row (handle, text emitted, ...)."""
+    virtual: Any = None
+    """A prefix/prompt adapter's VirtualTokens (peftkit.serving.kinds), put in front of the prompt at prefill."""
+
+    def __post_init__(self):
+        self.peft_name = self.peft_name or self.adapter
 
 
 class Lane:
     """Rows sharing one KV cache and one forward per step."""
 
-    def __init__(self, forward: Forward, pad_id: int, device: torch.device | str = "cpu"):
+    def __init__(self, forward: Forward, pad_id: int, device: torch.device | str = "cpu",
+                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.forward = forward
+        self.embed = embed  # the base's input embedding, for rows that start with prompt-tuning embeddings
         self.pad_id = pad_id
         self.device = device
         self.rows: list[Row] = []
@@ -52,17 +62,38 @@ class Lane:
         self.mask: torch.Tensor | None = None
 
     def add(self, rows: list[Row]) -> torch.Tensor:
-        """Return the next-token logits of the new rows after prefilling their prompts into the lane."""
+        """Return the next-token logits of the new rows after prefilling their prompts into the lane.
+
+        Rows added together share their virtual tokens (the same prefix/prompt adapter, or none):
+        the engine groups them so.
+        """
         from transformers import DynamicCache
 
+        virtual = rows[0].virtual
+        n = virtual.length if virtual is not None else 0
         width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self.forward(ids, mask, positions, cache, [r.adapter for r in rows])
+        pads = [width - len(r.prompt_ids) for r in rows]
+        ids = torch.tensor([[self.pad_id] * p + r.prompt_ids for p, r in zip(pads, rows)], device=self.device)
+        mask = torch.tensor([[0] * p + [1] * len(r.prompt_ids) for p, r in zip(pads, rows)], device=self.device)
+        cache, embeds = DynamicCache(), None
+        if virtual is None:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        elif virtual.kind == "prefix":
+            # Each layer's cache starts with the learned keys and values; the prompt's positions start after them.
+            for layer, (k, v) in enumerate(zip(virtual.keys, virtual.values)):
+                cache.update(k.expand(len(rows), *k.shape), v.expand(len(rows), *v.shape), layer)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0) + n
+            mask = torch.cat([mask.new_ones(len(rows), n), mask], dim=1)
+        else:  # prompt tuning: the learned embeddings go in front of each row's prompt, after its padding
+            tokens = self.embed(ids)
+            learned = virtual.embeddings.to(tokens.dtype)
+            embeds = torch.stack([torch.cat([tokens[i, :p], learned, tokens[i, p:]]) for i, p in enumerate(pads)])
+            mask = torch.tensor([[0] * p + [1] * (n + len(r.prompt_ids)) for p, r in zip(pads, rows)], device=self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids = None
+        logits = self.forward(ids, mask, positions, cache, [r.peft_name for r in rows], embeds)
         for r in rows:
-            r.position = len(r.prompt_ids)
+            r.position = n + len(r.prompt_ids)
         self._stack(rows, cache, mask)
         return logits
 
@@ -71,7 +102,7 @@ class Lane:
         ids = torch.tensor([[t] for t in tokens], device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         positions = torch.tensor([[r.position] for r in self.rows], device=self.device)
-        logits = self.forward(ids, self.mask, positions, self.cache, [r.adapter for r in self.rows])
+        logits = self.forward(ids, self.mask, positions, self.cache, [r.peft_name for r in self.rows], None)
         for r in self.rows:
             r.position += 1
         return logits

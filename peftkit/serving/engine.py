@@ -5,15 +5,18 @@
                                              max_tokens=64, temperature=0))
 
 One worker thread owns the model. Each loop it admits waiting requests (loading their adapters
-into the shared PeftModel on a cache miss), runs one forward per lane, picks one token per row and
-hands text to each request's callback. LoRA rows for any number of adapters, and base rows, share
-one lane through peft's `adapter_names`; DoRA adapters, which peft cannot mix, get a lane each.
+on a cache miss), runs one forward per lane, picks one token per row and hands text to each
+request's callback. Base rows, LoRA rows for any number of adapters (peft's `adapter_names`) and
+prefix/prompt-tuning rows (their virtual tokens enter at prefill) share one lane; DoRA, IA3,
+bottleneck and full fine-tune adapters, which change the layers themselves, get a lane each
+(see peftkit.serving.kinds).
 A hand-written token loop (rather than `model.generate`) is what lets requests join and leave
 between steps, stop on their own stop tokens and strings, and be cancelled when a client leaves.
 """
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import secrets
 import threading
@@ -25,6 +28,7 @@ import torch
 
 from peftkit.serving.adapters import BASE, AdapterCache, Profile, Resolver
 from peftkit.serving.batcher import Lane, Row, pick_tokens
+from peftkit.serving.kinds import DORA, LORA, MODEL, VIRTUAL, load_model_adapter, load_virtual, shared_copy
 from peftkit.serving.errors import (ContextLengthError, EngineUnavailableError, GenerationFailedError, InvalidRequestError,
                                     ServingError)
 from peftkit.serving.prompts import chat_prompt_ids, completion_prompt_ids
@@ -68,6 +72,9 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.model = self.peft = self.tokenizer = self.resolver = None
+        self._pristine = None  # the base's module tree before any LoRA is injected (sharing its weights)
+        self._virtual: dict[str, Any] = {}  # adapter key -> VirtualTokens of a loaded prefix/prompt adapter
+        self._models: dict[str, torch.nn.Module] = {}  # adapter key -> model of a loaded IA3/bottleneck/full adapter
         self._tok_lock = threading.Lock()
 
     # ------------------------------------------------------------ life cycle
@@ -111,6 +118,7 @@ class Engine:
         self.tokenizer = load_tokenizer(self.base)
         self._decoder = load_tokenizer(self.base)  # the worker's own copy: tokenizers are not shared across threads
         self.model = load_base(self.base, dtype=self.dtype, device=self.device).eval()
+        self._pristine = shared_copy(self.model)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.vocab_size = int(self.model.config.vocab_size)
         try:
@@ -181,7 +189,8 @@ class Engine:
         generator = None
         if request.temperature > 0:
             generator = torch.Generator().manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
-        row = Row(ids, profile.key or BASE, max_tokens, profile.stop_ids, request.temperature, request.top_p, generator)
+        row = Row(ids, profile.key or BASE, max_tokens, profile.stop_ids, request.temperature, request.top_p, generator,
+                  peft_name=profile.key if profile.kind in (LORA, DORA) else BASE)
         handle = Handle(profile, len(ids), on_event)
         row.owner = (handle, TextStream(self._decoder, request.stop))
         return row, handle, profile
@@ -226,7 +235,7 @@ class Engine:
         return sum(len(lane.rows) for lane in list(self._lanes.values()))  # list(): other threads call this too
 
     def _admit(self) -> None:
-        joining: dict[str, list[Row]] = {}
+        joining: dict[tuple[str, str | None], list[Row]] = {}
         still_waiting = []
         for row, handle, profile in self._waiting:
             if handle.cancelled.is_set():
@@ -245,11 +254,17 @@ class Engine:
                     log.exception("loading adapter %s failed", profile.ref)
                     self._finish(row, "error", GenerationFailedError(f"adapter {profile.ref} failed to load: {exc}"))
                     continue
+            if profile.kind == VIRTUAL:
+                row.virtual = self._virtual[profile.key]
             lane = MIXED if profile.key is None or (profile.mixable and self.mix_adapters) else profile.key
-            joining.setdefault(lane, []).append(row)
+            # Rows prefilled together share their virtual tokens (or have none).
+            joining.setdefault((lane, profile.key if profile.kind == VIRTUAL else None), []).append(row)
         self._waiting = still_waiting
-        for name, rows in joining.items():
-            lane = self._lanes.setdefault(name, Lane(self._forward_for(name), self.tokenizer.pad_token_id, self.model.device))
+        for (name, _), rows in joining.items():
+            lane = self._lanes.get(name)
+            if lane is None:
+                lane = self._lanes[name] = Lane(self._forward_for(name), self.tokenizer.pad_token_id, self.model.device,
+                                                embed=self.model.get_input_embeddings())
             self._run_lane(lane, rows, lambda: lane.add(rows))
 
     def _step(self) -> None:
@@ -327,14 +342,17 @@ class Engine:
     # ------------------------------------------------------------ model calls
 
     def _forward_for(self, lane: str) -> Callable:
-        def forward(ids, mask, positions, cache, names):
-            kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                          logits_to_keep=1)
-            if self.peft is None or not self.peft.peft_config:
+        def forward(ids, mask, positions, cache, names, embeds):
+            kwargs = dict(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                          use_cache=True, logits_to_keep=1)
+            own = self._models.get(lane)
+            if own is not None:  # IA3, bottleneck or full fine-tune: its own module tree
+                model = own
+            elif self.peft is None or not self.peft.peft_config:
                 model = self.model
-            elif lane == MIXED:
+            elif lane == MIXED or lane in self._virtual:  # base, LoRA and prefix/prompt rows
                 model, kwargs["adapter_names"] = self.peft, names
-            else:  # an unmixable adapter (DoRA) runs alone in its lane, as the active adapter
+            else:  # an unmixable LoRA adapter (DoRA) runs alone in its lane, as the active adapter
                 model = self.peft
                 if self.peft.active_adapter != lane:
                     self.peft.set_adapter(lane, inference_mode=True)
@@ -342,9 +360,21 @@ class Engine:
         return forward
 
     def _load_adapter(self, profile: Profile) -> None:
+        started = time.perf_counter()
+        if profile.kind == VIRTUAL:
+            config = json.loads((profile.folder / "adapter_config.json").read_text(encoding="utf-8"))
+            self._virtual[profile.key] = load_virtual(profile.folder, config, dtype=self.model.dtype, device=self.model.device)
+        elif profile.kind == MODEL:
+            self._models[profile.key] = load_model_adapter(profile.folder, self._pristine, dtype=self.dtype,
+                                                           device=self.device)
+        else:
+            self._load_lora(profile)
+        self.stats["adapter_load_seconds_total"] += time.perf_counter() - started
+        log.info("loaded %s adapter %s as %s", profile.method, profile.ref, profile.key)
+
+    def _load_lora(self, profile: Profile) -> None:
         from peft import PeftModel
 
-        started = time.perf_counter()
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.model, profile.folder, adapter_name=profile.key, low_cpu_mem_usage=True)
         else:
@@ -352,9 +382,8 @@ class Engine:
         # Keep the active adapter one that exists: peft leaves a deleted one active when it was the last.
         self.peft.set_adapter(profile.key, inference_mode=True)
         self.peft.eval()
-        self.stats["adapter_load_seconds_total"] += time.perf_counter() - started
-        log.info("loaded adapter %s as %s", profile.ref, profile.key)
 
     def _unload_adapter(self, key: str) -> None:
-        self.peft.delete_adapter(key)
+        if self._virtual.pop(key, None) is None and self._models.pop(key, None) is None:
+            self.peft.delete_adapter(key)
         log.info("evicted adapter %s", key)

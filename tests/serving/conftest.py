@@ -9,16 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from serving_helpers import LORA_NAMES, make_adapter
+from serving_helpers import LORA_NAMES, make_adapter, make_method_adapter
+
+# Adapters of every other method, each served beside the LoRA family: (name, method, extra method fields).
+OTHER_METHODS = [("prefix0", "prefix", {}), ("prefix-mlp", "prefix", {"prefix_projection": True}),
+                 ("prompt0", "prompt", {}), ("bottleneck0", "bottleneck", {}), ("full0", "full", {})]
 
 
 @pytest.fixture(scope="session")
 def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """Return {name: adapter folder}: nine LoRA adapters, one DoRA adapter, one IA3 adapter."""
+    """Return {name: adapter folder}: nine LoRA adapters, DoRA, IA3, prefix (with and without MLP), prompt,
+    bottleneck and full fine-tune adapters, and a LoHa adapter (a peft type the server does not run)."""
     root = tmp_path_factory.mktemp("adapters")
     dirs = {name: make_adapter(tiny_model_dir, root / name, seed=i) for i, name in enumerate(LORA_NAMES)}
     dirs["dora0"] = make_adapter(tiny_model_dir, root / "dora0", seed=100, use_dora=True)
     dirs["ia3"] = make_adapter(tiny_model_dir, root / "ia3", seed=200, kind="ia3")
+    dirs["loha"] = make_adapter(tiny_model_dir, root / "loha", seed=300, kind="loha")
+    for i, (name, method, fields) in enumerate(OTHER_METHODS):
+        dirs[name] = make_method_adapter(tiny_model_dir, root / name, method, seed=400 + i, **fields)
     return dirs
 
 

@@ -9,20 +9,22 @@ LORA_NAMES = [f"lora{i}" for i in range(9)]
 def make_adapter(base_dir: Path, out: Path, seed: int, **config) -> Path:
     """Save a peft adapter for the model in base_dir with random weights; config goes to its peft config."""
     import torch
-    from peft import IA3Config, LoraConfig, get_peft_model
+    from peft import IA3Config, LoHaConfig, LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     kind = config.pop("kind", "lora")
     model = LlamaForCausalLM.from_pretrained(base_dir)
     if kind == "ia3":
         peft_config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    elif kind == "loha":
+        peft_config = LoHaConfig(r=4, target_modules=["q_proj", "v_proj"])
     else:
         peft_config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"], **config})
     peft_model = get_peft_model(model, peft_config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name or "ia3_" in name:
+            if "lora_" in name or "ia3_" in name or "hada_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5 + (1.0 if "ia3_" in name else 0.0))
     peft_model.save_pretrained(out)
     return out
@@ -34,3 +36,24 @@ def chat(model: str, content: str = "What colour is item 3?", max_tokens: int = 
 
     return GenerationRequest(model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
                              temperature=kwargs.pop("temperature", 0.0), **kwargs)
+
+
+def make_method_adapter(base_dir: Path, out: Path, method: str, seed: int, **fields) -> Path:
+    """Save a peftkit adapter of any method (prefix, prompt, bottleneck, full, ...) with random, non-trivial weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from peftkit.config import MethodConfig
+    from peftkit.methods import build_method
+
+    torch.manual_seed(seed)
+    model = build_method(LlamaForCausalLM.from_pretrained(base_dir),
+                         MethodConfig(name=method, **{"num_virtual_tokens": 5, "reduction_factor": 8, **fields}))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:  # what the method trains: move it well away from its start
+                scale = 0.02 if method == "full" else 0.5
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
