@@ -148,7 +148,7 @@ def report(runs: list[MethodRun], footprints: list, *, command: str | None, budg
     lines = ["# Method comparison", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
-    lines += [f"Machine: {machine()}.", f"Budget per method: {budget_words(budget)}.", "", measured_table(runs), "",
+    lines += [f"Machine: {machine(runs)}.", f"Budget per method: {budget_words(budget)}.", "", measured_table(runs), "",
               "## Llama 3.1 8B under each method's preset (exact, computed on the meta device)", "",
               footprint_table(footprints), ""]
     return "\n".join(lines)
@@ -223,8 +223,8 @@ def write_chart(runs: list[MethodRun], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def machine() -> str:
-    """Return the CPU or GPU, core count and torch version, in words."""
+def machine(runs: list[MethodRun] = ()) -> str:
+    """Return the CPU or GPU, core count, torch version and the torch threads the runs used, in words."""
     import torch
 
     if torch.cuda.is_available():
@@ -235,8 +235,10 @@ def machine() -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    threads = torch.get_num_threads()
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, no GPU, torch {torch.__version__} ({threads} thread{'s' * (threads != 1)})"
+    # Each method trains in its own process; what counts is the thread count those processes used.
+    used = sorted({r.metrics["torch_threads"] for r in runs if r.metrics and r.metrics.get("torch_threads")})
+    threads = f", {'/'.join(map(str, used))} torch thread{'s' * (used != [1])} per run" if used else ""
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, no GPU, torch {torch.__version__}{threads}"
 
 
 def budget_words(t) -> str:

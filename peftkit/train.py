@@ -131,6 +131,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         "peak_memory_mb": peak_memory_mb(),
         "device": str(next(model.parameters()).device),
         "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
         "data": prepared.stats,
     }
     lineage = {

@@ -6,9 +6,11 @@ By default it builds its own setup: N LoRA adapters with random weights for the 
 temporary registry, and a server on 127.0.0.1 (a free port). It then sends the same number of
 chat requests at the same concurrency three ways: spread over all adapters (one mixed batch),
 all to one adapter, and spread over all adapters with mixing turned off (--no-mix: one batch per
-adapter). Every run is bounded by --requests and by --max-seconds of wall time; each adapter is
-warmed up first, so loading time is not counted. With --url it measures a server you started
-(loopback addresses only), sending --models.
+adapter). With --methods it adds a scenario spread over 8 adapters of every method (two LoRA,
+prefix, prompt, DoRA, IA3, bottleneck, full): prefix and prompt rows join the LoRA batch, the other
+four run a batch each. Every run is bounded by --requests and by --max-seconds of wall time; each
+adapter is warmed up first, so loading time is not counted. With --url it measures a server you
+started (loopback addresses only), sending --models.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--threads", type=int, help="torch CPU threads for the engine (default: torch's choice)")
     p.add_argument("--skip-no-mix", action="store_true", help="skip the one-batch-per-adapter comparison")
+    p.add_argument("--methods", action="store_true",
+                   help="add a scenario over adapters of every method (prefix, prompt, DoRA, IA3, bottleneck, full)")
     p.add_argument("--url", help="measure a running server instead (http://127.0.0.1:PORT; loopback only)")
     p.add_argument("--api-key", default=os.environ.get("PEFTKIT_API_KEY"))
     p.add_argument("--models", help="with --url: comma-separated model names to spread requests over")
@@ -121,17 +125,54 @@ def build_setup(args, workdir: Path) -> tuple[str, list[str]]:
     return str(workdir / "registry"), names
 
 
+OTHER_METHODS = ("prefix", "prompt", "dora", "ia3", "bottleneck", "full")
+
+
+def random_method_adapter(base: str | Path, out: Path, method: str, seed: int, scale: float, **fields) -> Path:
+    """Save an adapter of any method for base whose trainable weights got Gaussian noise of std scale (so it is not a no-op)."""
+    import torch
+
+    from peftkit.config import MethodConfig
+    from peftkit.methods import build_method
+    from peftkit.models import load_base
+
+    torch.manual_seed(seed)  # the methods' own random starts (prefix, prompt) too
+    model = build_method(load_base(str(base), dtype="fp32"), MethodConfig(name=method, **fields))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_method_adapters(args, workdir: Path) -> list[str]:
+    """Return the names of one adapter per method in OTHER_METHODS, saved for the base and added to the registry."""
+    from peftkit.models import resolve_model
+    from peftkit.registry import Registry
+
+    registry = Registry(workdir / "registry")
+    for i, method in enumerate(OTHER_METHODS):
+        folder = random_method_adapter(args.base, workdir / f"method-{method}", method, seed=1000 + i,
+                                       scale=0.001 if method == "full" else 0.01)
+        registry.add(folder, name=f"method-{method}", base_model_dir=resolve_model(args.base))
+    registry.close()
+    return [f"method-{m}" for m in OTHER_METHODS]
+
+
 def serve_and_measure(args, registry: str, names: list[str], mix: bool, scenarios: list[tuple[str, list[str]]]) -> dict:
     """Return {scenario: results} measured against a fresh in-process server (mixing on or off)."""
     from peftkit.serving.app import ServerSettings, create_app
     from peftkit.serving.engine import Engine
     from peftkit.serving.server import start_background
 
-    engine = Engine(args.base, registry=registry, dtype=args.dtype, max_loaded_adapters=len(names),
+    served = sorted({m for _, models in scenarios for m in models} | set(names))
+    engine = Engine(args.base, registry=registry, dtype=args.dtype, max_loaded_adapters=len(served),
                     max_batch_size=max(16, args.concurrency), mix_adapters=mix, threads=args.threads).start()
     server = start_background(create_app(engine, ServerSettings(max_concurrent=4 * args.concurrency)))
     try:
-        warm = [args.base] + names  # load every adapter once: loading is not what this measures
+        warm = [args.base] + served  # load every adapter once: loading is not what this measures
         asyncio.run(run_scenario(server.url, None, warm, len(warm), 1, 2, args.max_seconds))
         out = {}
         for label, models in scenarios:
@@ -178,7 +219,10 @@ def main(argv=None) -> int:
             raise SystemExit("--adapters must be at least 8")
         with tempfile.TemporaryDirectory(prefix="peftkit-serve-load-") as tmp:
             registry, names = build_setup(args, Path(tmp))
-            results = serve_and_measure(args, registry, names, True, [("mixed", names), ("single", names[:1])])
+            scenarios = [("mixed", names), ("single", names[:1])]
+            if args.methods:
+                scenarios.append(("every method", names[:2] + build_method_adapters(args, Path(tmp))))
+            results = serve_and_measure(args, registry, names, True, scenarios)
             if not args.skip_no_mix:
                 results["one batch per adapter"] = serve_and_measure(args, registry, names, False, [("grouped", names)])["grouped"]
     print(f"machine: {machine()}")

@@ -32,7 +32,8 @@ def fake_runs(monkeypatch, fail: str | None = None) -> list:
         trainable = 134_515_008 if run.method == "full" else 1000
         run.metrics = {"trainable_parameters": trainable, "total_parameters": 134_515_008 + (trainable != 134_515_008) * 1000,
                        "peak_memory_mb": 900.0, "tokens_per_second": 120.0, "train_loss_first": 2.5, "train_loss": 1.25,
-                       "eval_loss": 1.5, "eval_perplexity": 4.48, "eval_token_accuracy": 0.6125, "wall_time_s": 61.0}
+                       "eval_loss": 1.5, "eval_perplexity": 4.48, "eval_token_accuracy": 0.6125, "wall_time_s": 61.0,
+                       "torch_threads": 2}
         run.adapter_bytes = cmp.adapter_bytes(adapter)
 
     monkeypatch.setattr(cmp, "run_method", run_method)
@@ -48,6 +49,7 @@ def test_table_chart_and_8b_figures_are_written(monkeypatch, tmp_path, tiny_over
     table = (out / "methods.md").read_text()
     assert f"peftkit compare {CONFIG} --methods lora,prompt,full" in table
     assert "30 optimizer steps of batch 8" in table
+    assert "cores, no GPU, torch " in table and ", 2 torch threads per run." in table  # what the runs used
     assert "| lora | rank 16, alpha 32, attention | 0.0005 | 1,000 | 0.000743% | 2.002 KiB | 900 MiB | 120 | 2.500 → 1.250 | 1.500 | 61.3% | 61 s |" in table
     assert "| prompt | 20 virtual tokens | 0.03 | failed: exit 1: out of memory / killed |" in table
     assert "| full | every weight | 2e-05 | 134,515,008 | 100% |" in table

@@ -40,20 +40,7 @@ def chat(model: str, content: str = "What colour is item 3?", max_tokens: int = 
 
 def make_method_adapter(base_dir: Path, out: Path, method: str, seed: int, **fields) -> Path:
     """Save a peftkit adapter of any method (prefix, prompt, bottleneck, full, ...) with random, non-trivial weights."""
-    import torch
-    from transformers import LlamaForCausalLM
+    from peftkit.bench.serve_load import random_method_adapter
 
-    from peftkit.config import MethodConfig
-    from peftkit.methods import build_method
-
-    torch.manual_seed(seed)
-    model = build_method(LlamaForCausalLM.from_pretrained(base_dir),
-                         MethodConfig(name=method, **{"num_virtual_tokens": 5, "reduction_factor": 8, **fields}))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:  # what the method trains: move it well away from its start
-                scale = 0.02 if method == "full" else 0.5
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
+    return random_method_adapter(base_dir, out, method, seed, scale=0.02 if method == "full" else 0.5,
+                                 **{"num_virtual_tokens": 5, "reduction_factor": 8, **fields})
