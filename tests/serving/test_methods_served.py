@@ -65,6 +65,13 @@ def test_base_weights_are_untouched_by_adapters_that_change_layers(engine, tiny_
         reference_tokens(tiny_model_dir, registry_dir, None, 10)[: 10]
     after = dict(engine.model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+    # IA3 and bottleneck run on a module tree that holds the base's very tensors, not copies of them.
+    base_storage = {p.data_ptr() for p in engine.model.parameters()}
+    for name in ("ia3", "bottleneck0"):
+        own = engine._models[engine.resolver.resolve(name).key]
+        weights = [p for n, p in own.named_parameters() if "ia3_" not in n and not n.startswith("layers.")]
+        assert len(weights) == len(before) - sum("lora_" in n for n in before)
+        assert all(p.data_ptr() in base_storage for p in weights)
 
 
 def test_every_kind_is_evicted_and_reloaded_within_the_cache(tiny_model_dir, registry_dir, engine):
