@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--served-name", help="name clients use for the base model (default: the --base value or folder name)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; fewer helps on a shared CPU)")
     p.add_argument("--no-mix", action="store_true",
-                   help="run each adapter in its own batch instead of mixing LoRA adapters in one batch")
+                   help="run each adapter in its own batch instead of mixing LoRA, prefix and prompt adapters in one batch")
     p.add_argument("--engine", choices=["native", "vllm"], default="native",
                    help="native: serve here; vllm: print the vLLM launch for the registry's LoRA adapters")
     p.add_argument("--max-lora-rank", type=int, help="vllm: max LoRA rank (default: the smallest allowed that fits)")
