@@ -116,7 +116,9 @@ class Resolver:
         from peftkit.serving.kinds import adapter_kind
 
         folder = Path(self.registry().checkout(entry.ref))
-        config = None if is_full_finetune(folder) else json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        config = None
+        if not is_full_finetune(folder):
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         kind = adapter_kind(config)
         if kind is None:
             raise UnsupportedAdapterError(f"adapter {entry.ref} cannot be served: its peft_type {config.get('peft_type')!r} "

@@ -27,7 +27,10 @@ PEFT_TYPE_KINDS = {"PREFIX_TUNING": VIRTUAL, "PROMPT_TUNING": VIRTUAL, "IA3": MO
 
 
 def adapter_kind(config: dict | None) -> str | None:
-    """Return how an adapter runs, from its adapter_config.json (None: a full fine-tune's folder), or None if never."""
+    """Return how an adapter runs, from its adapter_config.json (pass None for a full fine-tune's folder).
+
+    Returns None for a peft type the server does not run (LoHa, LoKr, ...).
+    """
     if config is None:
         return MODEL
     peft_type = config.get("peft_type")
