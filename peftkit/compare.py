@@ -223,7 +223,7 @@ def write_chart(runs: list[MethodRun], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def machine(runs: list[MethodRun] = ()) -> str:
+def machine(runs: list[MethodRun]) -> str:
     """Return the CPU or GPU, core count, torch version and the torch threads the runs used, in words."""
     import torch
 

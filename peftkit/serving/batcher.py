@@ -27,13 +27,13 @@ class Row:
     prompt_ids: list[int]
     adapter: str
     """The adapter this row runs (its cache key), or "__base__" for the base model."""
+    peft_name: str
+    """The name handed to peft's adapter_names: the adapter for LoRA rows, "__base__" for every other row."""
     max_tokens: int
     stop_ids: frozenset[int]
     temperature: float = 0.0
     top_p: float = 1.0
     generator: torch.Generator | None = None
-    peft_name: str = ""
-    """The name handed to peft's adapter_names: the adapter for LoRA rows, "__base__" for every other row."""
     output_ids: list[int] = field(default_factory=list)
     position: int = 0
     """Position id of the next token fed to the model (the number of real tokens it has seen)."""
@@ -43,10 +43,6 @@ class Row:
     """The engine's bookkeeping for this row (handle, text emitted, ...)."""
     virtual: Any = None
     """A prefix/prompt adapter's VirtualTokens (peftkit.serving.kinds), put in front of the prompt at prefill."""
-
-    def __post_init__(self):
-        self.peft_name = self.peft_name or self.adapter
-
 
 class Lane:
     """Rows sharing one KV cache and one forward per step."""
@@ -71,25 +67,23 @@ class Lane:
 
         virtual = rows[0].virtual
         n = virtual.length if virtual is not None else 0
+        prefix = n if virtual is not None and virtual.kind == "prefix" else 0  # in the cache, before the padding
+        inline = n - prefix  # prompt-tuning embeddings: in the input, after the padding
         width = max(len(r.prompt_ids) for r in rows)
         pads = [width - len(r.prompt_ids) for r in rows]
         ids = torch.tensor([[self.pad_id] * p + r.prompt_ids for p, r in zip(pads, rows)], device=self.device)
-        mask = torch.tensor([[0] * p + [1] * len(r.prompt_ids) for p, r in zip(pads, rows)], device=self.device)
+        mask = torch.tensor([[1] * prefix + [0] * p + [1] * (inline + len(r.prompt_ids)) for p, r in zip(pads, rows)],
+                            device=self.device)
+        # Every real or virtual token before a position counts, so the prompt's positions start after the virtual ones.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:]
         cache, embeds = DynamicCache(), None
-        if virtual is None:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        elif virtual.kind == "prefix":
-            # Each layer's cache starts with the learned keys and values; the prompt's positions start after them.
+        if prefix:  # each layer's cache starts with the learned keys and values
             for layer, (k, v) in enumerate(zip(virtual.keys, virtual.values)):
                 cache.update(k.expand(len(rows), *k.shape), v.expand(len(rows), *v.shape), layer)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0) + n
-            mask = torch.cat([mask.new_ones(len(rows), n), mask], dim=1)
-        else:  # prompt tuning: the learned embeddings go in front of each row's prompt, after its padding
+        elif inline:
             tokens = self.embed(ids)
             learned = virtual.embeddings.to(tokens.dtype)
             embeds = torch.stack([torch.cat([tokens[i, :p], learned, tokens[i, p:]]) for i, p in enumerate(pads)])
-            mask = torch.tensor([[0] * p + [1] * (n + len(r.prompt_ids)) for p, r in zip(pads, rows)], device=self.device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             ids = None
         logits = self.forward(ids, mask, positions, cache, [r.peft_name for r in rows], embeds)
         for r in rows:

@@ -189,8 +189,9 @@ class Engine:
         generator = None
         if request.temperature > 0:
             generator = torch.Generator().manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
-        row = Row(ids, profile.key or BASE, max_tokens, profile.stop_ids, request.temperature, request.top_p, generator,
-                  peft_name=profile.key if profile.kind in (LORA, DORA) else BASE)
+        peft_name = profile.key if profile.kind in (LORA, DORA) else BASE
+        row = Row(ids, profile.key or BASE, peft_name, max_tokens, profile.stop_ids, request.temperature, request.top_p,
+                  generator)
         handle = Handle(profile, len(ids), on_event)
         row.owner = (handle, TextStream(self._decoder, request.stop))
         return row, handle, profile

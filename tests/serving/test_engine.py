@@ -198,3 +198,11 @@ def test_prompts_and_stops_follow_the_adapters_training_settings(engine, adapter
     assert handle.profile.stop_ids == frozenset(stop_token_ids(tokenizer, chat_template=TEMPLATE))
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in handle.profile.stop_ids
     handle.result(60)
+
+
+def test_served_methods_are_the_methods_peftkit_trains():
+    from peftkit.methods import METHODS
+    from peftkit.serving.adapters import SERVED_METHODS
+
+    # A literal list keeps the resolver light to import; this keeps it from drifting from the trainers.
+    assert sorted(SERVED_METHODS) == sorted(METHODS)
