@@ -6,18 +6,15 @@ a crash or a full disk at any moment leaves the previous checkpoint and adapter 
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import logging
-import os
 import shutil
 import signal
 import time
 from pathlib import Path
 
+from peftkit import atomic
 from peftkit.errors import PeftkitError
-from peftkit.registry.store import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -45,76 +42,23 @@ class ResumeMismatch(PeftkitError):
 
 # ---------------------------------------------------------------- atomic folders
 
-def fsync_tree(folder: Path) -> None:
-    """Flush every file in folder, and the folder entries themselves, to disk."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
-        fsync_dir(d)
-
-
-def swap_into_place(staged: Path, target: Path) -> None:
-    """Move the complete folder staged to target, replacing target without a moment where neither exists."""
-    if target.exists() and _rename_exchange(staged, target):
-        shutil.rmtree(staged)  # staged now holds the old folder
-    else:
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(target, old)
-        os.rename(staged, target)
-        shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(target.parent)
-
-
-def recover_swap(target: Path) -> None:
-    """Restore target from its .old copy if a crash fell between the two renames of a non-atomic swap."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists() and not target.exists():
-        os.rename(old, target)
-        log.warning("restored %s after an interrupted save", target)
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically exchange two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    return False
-
-
 def write_staged(target: Path, write, *, what: str) -> Path:
     """Return target after calling write(staging_dir) and swapping the result into place atomically.
 
-    A failure while writing (a full disk, a crash of write) removes the staging folder and leaves
-    target as it was.
+    The staging folder is stamped with the completeness marker last. A failure while writing (a full
+    disk, a crash of write) removes the staging folder and leaves target as it was.
     """
-    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        write(staging)
+    def stamp(staging: Path) -> None:
         (staging / MARKER).write_text(json.dumps({"saved_at": time.time()}), encoding="utf-8")
-        fsync_tree(staging)
-        swap_into_place(staging, target)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+
+    try:
+        return atomic.write_folder(target, write, finish=stamp)
+    except Exception as exc:
+        if atomic.is_disk_full(exc):
             raise DiskFullError(f"no space left on the disk while saving the {what} to {target}; the previous "
                                 f"{what} is intact. Free some space (or set train.output_dir elsewhere) and resume "
                                 f"with --resume") from None
         raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
 
 
 def is_complete(folder: Path) -> bool:
@@ -122,12 +66,24 @@ def is_complete(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
 
+def checkpoint_step(folder: Path) -> int | None:
+    """Return N for a folder named checkpoint-N, else None."""
+    prefix, _, step = folder.name.partition("-")
+    return int(step) if prefix == "checkpoint" and step.isdigit() else None
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Return the complete checkpoint-N folders, oldest step first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [p for p in checkpoint_dir.glob("checkpoint-*") if checkpoint_step(p) is not None and is_complete(p)]
+    return sorted(found, key=checkpoint_step)
+
+
 def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     """Return the newest complete checkpoint-N folder, or None."""
-    if not checkpoint_dir.is_dir():
-        return None
-    found = [p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_complete(p)]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+    found = complete_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
 
 
 def clean_staging(folder: Path) -> None:
@@ -148,10 +104,7 @@ def read_run_state(out: Path) -> dict | None:
 
 def write_run_state(out: Path, **state) -> None:
     """Write run.json atomically (status, fingerprints, flattened config)."""
-    path = out / RUN_STATE
-    tmp = path.with_name(RUN_STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_json(out / RUN_STATE, state)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

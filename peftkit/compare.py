@@ -14,13 +14,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftkit import atomic
 from peftkit.config import MethodConfig, load_config, save_config
+from peftkit.methods.catalog import CATALOG, FULL, METHOD_NAMES
 
-DEFAULT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3", "bottleneck", "full")
-# Learning rates for methods whose usual range is far from LoRA's (the LoRA family keeps the config's),
-# each the better of two in a 10-step probe on SmolLM2-135M (docs/methods.md): prefix 3e-2 (vs 1e-2),
-# prompt 3e-2 (vs 3e-1), IA3 3e-2 (vs T-Few's 3e-3), bottleneck 1e-2 (vs 1e-3), full 2e-4 (vs 5e-5).
-METHOD_LR = {"prefix": 3e-2, "prompt": 3e-2, "ia3": 3e-2, "bottleneck": 1e-2, "full": 2e-4}
+# Every method but DoRA, which `lora` measures already as an option (method.use_dora).
+DEFAULT_METHODS = tuple(name for name in METHOD_NAMES if name != "dora")
+# Learning rates for methods whose usual range is far from LoRA's (the LoRA family keeps the config's).
+METHOD_LR = {m.name: m.learning_rate for m in CATALOG.values() if m.learning_rate is not None}
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "llama-3.1-8b"
 ADAPTER_FILES = ("adapter_config.json", "config.json", "*.safetensors", "*.safetensors.index.json")  # config.json: full only
 
@@ -50,12 +51,12 @@ def compare(config_path: str | Path, methods: list[str], *, overrides: list[str]
             out_dir: str | Path = "runs/compare", learning_rates: dict[str, float] | None = None,
             command: str | None = None) -> Comparison:
     """Return the comparison of methods trained from config_path; writes OUT/methods.md and OUT/methods.png."""
-    from peftkit.methods import METHODS, MethodError
+    from peftkit.methods import MethodError
 
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in CATALOG]
     if unknown or not methods:
         raise MethodError(f"--methods {','.join(methods)}: {', '.join(unknown) or 'empty'} is not a method; "
-                          f"choose from {', '.join(METHODS)}")
+                          f"choose from {', '.join(METHOD_NAMES)}")
     overrides = list(overrides or [])
     rates = {**METHOD_LR, **(learning_rates or {})}
     out = Path(out_dir)
@@ -76,7 +77,7 @@ def compare(config_path: str | Path, methods: list[str], *, overrides: list[str]
         runs.append(run)
     footprints = llama_8b_footprints(methods)
     table = out / "methods.md"
-    write_atomic(table, report(runs, footprints, command=command, budget=plans[0][1].train))
+    atomic.write_text(table, report(runs, footprints, command=command, budget=plans[0][1].train))
     chart = out / "methods.png"
     write_chart(runs, chart)
     return Comparison(runs=runs, table=table, chart=chart, footprints=footprints)
@@ -109,7 +110,7 @@ def describe(m: MethodConfig) -> str:
     from peftkit.methods import ia3
 
     targets = m.target_modules if isinstance(m.target_modules, str) else "[" + ", ".join(m.target_modules) + "]"
-    if m.name in ("lora", "qlora", "dora"):
+    if "LORA" in CATALOG[m.name].peft_types:
         extras = [x for x, on in (("DoRA", m.use_dora and m.name != "dora"), ("rsLoRA", m.use_rslora)) if on]
         return ", ".join([f"rank {m.rank}, alpha {m.alpha:g}, {targets}"] + extras)
     if m.name == "prefix":
@@ -180,14 +181,14 @@ def footprint_table(footprints: list) -> str:
             "|---|---|--:|--:|--:|---|--:|"]
     for settings, f in footprints:
         rows.append(f"| {f.method} | {settings} | {f.trainable:,} | {f.percent:.4g}% | {f.saved_bytes:,} B ({human_bytes(f.saved_bytes)}) "
-                    f"| {f.saved_dtypes} | {human_bytes(f.base_bytes)}{' (NF4)' if f.method == 'qlora' else ''} |")
+                    f"| {f.saved_dtypes} | {human_bytes(f.base_bytes)}{' (NF4)' if CATALOG[f.method].quantized_base else ''} |")
     return "\n".join(rows)
 
 
 def base_percent(run: MethodRun) -> float:
     """Return trainable parameters as a percentage of the base model's (adapters are not part of the base)."""
     m = run.metrics
-    base = m["total_parameters"] if run.method == "full" else m["total_parameters"] - m["trainable_parameters"]
+    base = m["total_parameters"] if run.method == FULL else m["total_parameters"] - m["trainable_parameters"]
     return 100 * m["trainable_parameters"] / base
 
 
@@ -217,10 +218,9 @@ def write_chart(runs: list[MethodRun], path: Path) -> None:
         ax.tick_params(axis="x", rotation=45)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def machine(runs: list[MethodRun]) -> str:
@@ -255,13 +255,6 @@ def human_bytes(n: int | None) -> str:
         if n >= size:
             return f"{n / size:.4g} {unit}"
     return f"{n} B"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file, so a crash never leaves half a table."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _num(value, fmt: str) -> str:

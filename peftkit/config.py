@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
+from peftkit import atomic
 from peftkit.errors import PeftkitError
+from peftkit.methods.catalog import METHOD_NAMES
 
 
 class ConfigError(PeftkitError, ValueError):
@@ -73,7 +75,7 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     name: str = "lora"
-    """Fine-tuning method: lora, qlora, dora, prefix, prompt, ia3, bottleneck, full."""
+    """Fine-tuning method: lora, qlora, dora, prefix, prompt, ia3, bottleneck, full (peftkit.methods.catalog)."""
     rank: int = 16
     """Rank of the LoRA update matrices; higher learns more and costs more."""
     alpha: float = 32.0
@@ -166,7 +168,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "data.format": ("auto", "chat", "instruction", "completion", "text"),
     "data.length_policy": ("truncate", "drop"),
-    "method.name": ("lora", "qlora", "dora", "prefix", "prompt", "ia3", "bottleneck", "full"),
+    "method.name": METHOD_NAMES,
     "method.adapter_placement": ("attention", "mlp", "both"),
     "train.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
 }
@@ -210,10 +212,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically, so a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -368,5 +367,7 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     if isinstance(m.target_modules, str) and m.target_modules not in TARGET_PRESETS:
         raise ConfigError(f"method.target_modules={m.target_modules!r} is not a preset; use attention, all-linear or a list such as [q_proj, v_proj]")
-    if not cfg.name or any(c not in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-" for c in cfg.name) or cfg.name.startswith("."):
-        raise ConfigError(f"name={cfg.name!r} may use only letters, digits, '.', '_' and '-', and must not start with '.'")
+    from peftkit.registry.names import NAME_RE, RULE  # the registry's rule: a run registers under its name
+
+    if not NAME_RE.match(cfg.name):
+        raise ConfigError(f"name={cfg.name!r} may use only what a registry name may: {RULE}")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from peftkit.errors import PeftkitError
 
 
 @dataclass
@@ -29,14 +28,14 @@ class Session:
 def load_session(adapter: str | None = None, *, base: str | None = None, dtype: str = "auto",
                  registry: str | None = None) -> Session:
     """Return a Session for an adapter folder or registry reference, or the base model alone."""
-    from peftkit.data import stop_token_ids
     from peftkit.methods import load_adapter, read_adapter_meta
     from peftkit.models import load_base, load_tokenizer, set_pad_token
+    from peftkit.prompting import read_prompting, stop_ids
 
     adapter_dir = resolve_adapter(adapter, registry) if adapter else None
     meta = read_adapter_meta(adapter_dir) if adapter_dir else {}
     base = base or meta.get("base_model") or "smollm2-135m-instruct"
-    data_cfg = meta.get("config", {}).get("data", {})
+    prompting = read_prompting(adapter_dir)
     if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
@@ -48,10 +47,9 @@ def load_session(adapter: str | None = None, *, base: str | None = None, dtype: 
     if adapter_dir:
         model = load_adapter(model, adapter_dir)
     model.eval()
-    chat_template = data_cfg.get("chat_template")
     return Session(model=model, tokenizer=tokenizer, base_model=base, adapter=str(adapter_dir) if adapter_dir else None,
-                   system_prompt=data_cfg.get("system_prompt"), chat_template=chat_template,
-                   stop_ids=stop_token_ids(tokenizer, chat_template=chat_template))
+                   system_prompt=prompting.system_prompt, chat_template=prompting.chat_template,
+                   stop_ids=stop_ids(tokenizer, prompting))
 
 
 def resolve_adapter(adapter: str, registry: str | None) -> Path:
@@ -61,10 +59,8 @@ def resolve_adapter(adapter: str, registry: str | None) -> Path:
         if (path / "adapter" / "adapter_config.json").is_file():
             return path / "adapter"  # a run directory
         return path
-    try:
-        from peftkit.registry import Registry
-    except ImportError:
-        raise PeftkitError(f"--adapter {adapter!r}: no such folder") from None
+    from peftkit.registry import Registry
+
     return Path(Registry(registry).checkout(adapter))
 
 

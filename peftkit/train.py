@@ -4,31 +4,26 @@ Read it top to bottom: `train` is the whole workflow; the helpers below it each 
 """
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
-import math
 import os
-import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from peftkit import __version__
+from peftkit import atomic
 from peftkit import checkpoints as ckpts
 from peftkit.config import RunConfig, config_to_dict, save_config
 from peftkit.errors import PeftkitError
+from peftkit.fingerprint import base_fingerprint
+from peftkit.lineage import build_lineage, count_parameters, model_card, plot_losses, run_metrics
+from peftkit.methods.catalog import CATALOG
+from peftkit.models import base_config_dict
+from peftkit.prompting import LINEAGE_FILE, build_prompting
 
 log = logging.getLogger(__name__)
-
-
-# Methods whose trained model is the base forward with modules swapped in, so the loss can call the
-# backbone and the vocabulary head separately; prefix and prompt tuning change the inputs instead.
-SPARSE_LOGIT_METHODS = ("lora", "dora", "qlora", "ia3", "full")
 
 
 @dataclass
@@ -49,17 +44,15 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     """
     from transformers import set_seed
 
-    from peftkit.data import build_collator, prepare
-    from peftkit.methods import build_method, load_adapter
-    from peftkit.models import base_config_dict, load_base, load_tokenizer, resolve_dtype, resolve_model
-    from peftkit.trainer import SafeTrainer, StopOnSignal, token_accuracy, token_predictions
+    from peftkit.data import prepare
+    from peftkit.models import load_tokenizer, resolve_model
 
     out = Path(cfg.train.output_dir)
     checkpoint_dir = out / "checkpoints"
     main = is_main_process()  # under torchrun/accelerate launch only rank 0 writes the run dir
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        ckpts.recover_swap(out / "adapter")
+        atomic.recover_swap(out / "adapter")
         ckpts.clean_staging(out)
         ckpts.clean_staging(checkpoint_dir)
     set_seed(cfg.train.seed)
@@ -74,32 +67,9 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         save_config(cfg, out / "config.yaml")
         ckpts.write_run_state(out, status="running", **state)
 
-    model = load_base(cfg.model.name, dtype=cfg.model.dtype, quantize_4bit=cfg.method.name == "qlora",
-                      revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
-                      trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.method.init_from:
-        model = load_adapter(model, cfg.method.init_from, is_trainable=True)
-    else:
-        model = build_method(model, cfg.method)
-    if cfg.train.gradient_checkpointing:
-        model.enable_input_require_grads()
-    trainable, total = count_parameters(model)
-    log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-
+    model = build_model(cfg)
     stop = ckpts.GracefulStop()
-    trainer = SafeTrainer(
-        model=model,
-        args=training_arguments(cfg, checkpoint_dir, has_eval=prepared.eval is not None,
-                                bf16=resolve_dtype(cfg.model.dtype) == torch.bfloat16),
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval,
-        data_collator=build_collator(tokenizer, packing=cfg.data.packing, attn_implementation=cfg.model.attn_implementation),
-        processing_class=tokenizer,
-        callbacks=[StopOnSignal(stop)],
-        compute_metrics=token_accuracy,
-        preprocess_logits_for_metrics=token_predictions,
-    )
-    trainer.sparse_logits = cfg.method.name in SPARSE_LOGIT_METHODS
+    trainer = build_trainer(cfg, model, tokenizer, prepared, checkpoint_dir, stop)
     started = time.perf_counter()
     with stop:
         trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
@@ -111,46 +81,15 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
             f"training stopped by {stop.requested} at step {trainer.state.global_step}; checkpoint saved in "
             f"{ckpts.latest_complete_checkpoint(checkpoint_dir)}. Resume with the same command plus --resume")
     evaluation = trainer.evaluate() if prepared.eval is not None else {}
-    eval_loss = evaluation.get("eval_loss")
 
-    metrics = {
-        "train_loss": last_logged(trainer.state.log_history, "loss"),
-        "train_loss_first": first_logged(trainer.state.log_history, "loss"),
-        "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
-        "eval_token_accuracy": evaluation.get("eval_token_accuracy"),
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "resumed_from_step": int(start_from.name.split("-")[-1]) if start_from else None,
-        "tokens_trained": trainer.tokens_seen,
-        "tokens_per_second": trainer.tokens_seen / wall if wall > 0 else None,
-        "wall_time_s": wall,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_percent": 100 * trainable / total,
-        "peak_memory_mb": peak_memory_mb(),
-        "device": str(next(model.parameters()).device),
-        "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
-        "torch_threads": torch.get_num_threads(),
-        "data": prepared.stats,
-    }
-    lineage = {
-        "peftkit_version": __version__,
-        "method": cfg.method.name,
-        "base_model": cfg.model.name,
-        "base_fingerprint": state["base_fingerprint"],
-        "base_config": base_config_dict(base_dir),
-        "data_fingerprint": prepared.fingerprint,
-        "config": config_to_dict(cfg),
-        "metrics": metrics,
-        "parent": cfg.method.init_from,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    metrics = run_metrics(cfg, trainer, model, evaluation, wall=wall, start_from=start_from, data_stats=prepared.stats)
     adapter_dir = out / "adapter"
     if not main:
         return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, model=model)
+    prompting = build_prompting(tokenizer, cfg.data.system_prompt, cfg.data.chat_template)
+    lineage = build_lineage(cfg, state, metrics, base_config=base_config_dict(base_dir), prompting=prompting)
     save_adapter(model, tokenizer, adapter_dir, cfg, lineage)
-    write_json(out / "metrics.json", metrics)
+    atomic.write_json(out / "metrics.json", metrics)
     plot_losses(trainer.state.log_history, out / "loss.png")
     ckpts.write_run_state(out, status="finished", step=trainer.state.global_step, **state)
 
@@ -187,6 +126,47 @@ def resume_point(out: Path, checkpoint_dir: Path, state: dict, *, resume: bool, 
 
 
 # ---------------------------------------------------------------- steps
+
+def build_model(cfg: RunConfig):
+    """Return the base model wrapped for training with cfg's method (or continuing from method.init_from)."""
+    from peftkit.methods import build_method, load_adapter
+    from peftkit.models import load_base
+
+    model = load_base(cfg.model.name, dtype=cfg.model.dtype, quantize_4bit=CATALOG[cfg.method.name].quantized_base,
+                      revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
+                      trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.method.init_from:
+        model = load_adapter(model, cfg.method.init_from, is_trainable=True)
+    else:
+        model = build_method(model, cfg.method)
+    if cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    trainable, total = count_parameters(model)
+    log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def build_trainer(cfg: RunConfig, model, tokenizer, prepared, checkpoint_dir: Path, stop):
+    """Return the SafeTrainer for the model and prepared data, stopping gracefully on stop's signals."""
+    from peftkit.data import build_collator
+    from peftkit.models import resolve_dtype
+    from peftkit.trainer import SafeTrainer, StopOnSignal, token_accuracy, token_predictions
+
+    return SafeTrainer(
+        model=model,
+        args=training_arguments(cfg, checkpoint_dir, has_eval=prepared.eval is not None,
+                                bf16=resolve_dtype(cfg.model.dtype) == torch.bfloat16),
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        data_collator=build_collator(tokenizer, packing=cfg.data.packing, attn_implementation=cfg.model.attn_implementation),
+        processing_class=tokenizer,
+        callbacks=[StopOnSignal(stop)],
+        compute_metrics=token_accuracy,
+        preprocess_logits_for_metrics=token_predictions,
+        # Methods that keep the base forward let the loss call the backbone and the vocabulary head separately.
+        sparse_logits=CATALOG[cfg.method.name].keeps_base_forward,
+    )
+
 
 def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, bf16: bool):
     """Return transformers TrainingArguments for the train section."""
@@ -227,47 +207,6 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, 
     )
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """Return (trainable, total) parameter counts; 4-bit weights count as their logical size."""
-    trainable = total = 0
-    for param in model.parameters():
-        n = param.numel()
-        if param.__class__.__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
-        total += n
-        if param.requires_grad:
-            trainable += n
-    return trainable, total
-
-
-def peak_memory_mb() -> float:
-    """Return peak memory in MiB: GPU allocations when on a GPU, else the process's peak RSS."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def last_logged(history: list[dict], key: str):
-    """Return the last value logged under key, or None."""
-    values = [h[key] for h in history if key in h]
-    return values[-1] if values else None
-
-
-def first_logged(history: list[dict], key: str):
-    """Return the first value logged under key, or None."""
-    values = [h[key] for h in history if key in h]
-    return values[0] if values else None
-
-
-def base_fingerprint(base_dir: Path) -> str | None:
-    """Return the base model's fingerprint (None if the registry's fingerprint module is absent)."""
-    try:
-        from peftkit.fingerprint import base_fingerprint as fingerprint
-    except ImportError:
-        return None
-    return fingerprint(base_dir)
-
-
 def save_adapter(model, tokenizer, target: Path, cfg: RunConfig, lineage: dict) -> Path:
     """Write the adapter, tokenizer, lineage and model card to target atomically; return target."""
     for conf in getattr(model, "peft_config", {}).values():
@@ -276,90 +215,16 @@ def save_adapter(model, tokenizer, target: Path, cfg: RunConfig, lineage: dict) 
     def write(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-        write_json(folder / "peftkit.json", lineage)
+        atomic.write_json(folder / LINEAGE_FILE, lineage)
         (folder / "README.md").write_text(model_card(cfg, lineage), encoding="utf-8")
 
     return ckpts.write_staged(target, write, what="adapter")
 
 
-def model_card(cfg: RunConfig, lineage: dict) -> str:
-    """Return the adapter's README.md: base, method, data, config and metrics."""
-    import yaml
-
-    m = lineage["metrics"]
-    fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    rows = [("train loss (first -> last)", f"{fmt(m['train_loss_first'])} -> {fmt(m['train_loss'])}"),
-            ("eval loss", fmt(m["eval_loss"])), ("eval perplexity", fmt(m["eval_perplexity"])),
-            ("eval token accuracy", fmt(m.get("eval_token_accuracy"))),
-            ("steps", fmt(m["steps"])), ("tokens trained", fmt(m["tokens_trained"])),
-            ("tokens per second", fmt(m["tokens_per_second"])), ("wall time (s)", fmt(m["wall_time_s"])),
-            ("trainable parameters", f"{m['trainable_parameters']:,} of {m['total_parameters']:,} ({m['trainable_percent']:.3f}%)"),
-            ("peak memory (MiB)", fmt(m["peak_memory_mb"])), ("device / dtype", f"{m['device']} / {m['dtype']}")]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    data = cfg.data.path or ", ".join(str(s.get("path")) for s in cfg.data.sources)
-    return f"""---
-base_model: {cfg.model.name}
-library_name: peft
-tags: [peftkit, {cfg.method.name}]
----
-# {cfg.name}
-
-A **{cfg.method.name}** adapter for `{cfg.model.name}`, trained with peftkit {lineage['peftkit_version']} on {lineage['created_at']}.
-
-- Base model: `{cfg.model.name}` (fingerprint `{lineage['base_fingerprint']}`)
-- Data: `{data}` (format {cfg.data.format}, fingerprint `{lineage['data_fingerprint']}`)
-- Parent adapter: {lineage['parent'] or 'none'}
-
-## Metrics
-| metric | value |
-|---|---|
-{table}
-
-## Use
-```python
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_DIR), ADAPTER_DIR)
-```
-or `peftkit generate --adapter ADAPTER_DIR --prompt "..."`.
-
-## Config
-```yaml
-{yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip()}
-```
-"""
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    """Draw train and eval loss against steps into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("eval_loss", "eval")):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        if points:
-            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def register_run(out: Path, cfg: RunConfig) -> str | None:
     """Return the registry reference of the run's adapter after adding it (None without a registry)."""
-    try:
-        from peftkit.registry import Registry
-    except ImportError:
-        log.warning("the registry is not available in this build; the adapter is only in %s", out / "adapter")
-        return None
+    from peftkit.registry import Registry
+
     try:
         entry = Registry(cfg.registry.path).add(out, name=cfg.name, tags=cfg.registry.tags, domain=cfg.registry.domain)
     except PeftkitError as exc:
@@ -367,10 +232,3 @@ def register_run(out: Path, cfg: RunConfig) -> str | None:
         log.warning("the adapter was saved in %s but not registered: %s", out / "adapter", exc)
         return None
     return entry.ref
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -1,7 +1,6 @@
 """The transformers Trainer with crash-safe checkpoints, a token count, and a graceful-stop callback."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -11,7 +10,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from peftkit.checkpoints import MARKER, DiskFullError, fsync_dir, fsync_tree, is_complete
+from peftkit.atomic import fsync_dir, fsync_tree, is_disk_full
+from peftkit.checkpoints import MARKER, DiskFullError, complete_checkpoints
 
 
 class SafeTrainer(Trainer):
@@ -21,8 +21,10 @@ class SafeTrainer(Trainer):
     tokens_seen: int = 0
     """Real (non-pad) tokens fed to training steps, for tokens-per-second."""
 
-    sparse_logits: bool = False
-    """Project to the vocabulary only where a label is trained (set by train() for methods that keep the base forward)."""
+    def __init__(self, *args, sparse_logits: bool = False, **kwargs):
+        """sparse_logits: project to the vocabulary only where a label is trained (for methods that keep the base forward)."""
+        super().__init__(*args, **kwargs)
+        self.sparse_logits = sparse_logits
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The vocabulary projection and its log-softmax are about a fifth of a small model's step, and
@@ -72,7 +74,7 @@ class SafeTrainer(Trainer):
             if main:
                 self._publish(self._staging_root / name, run_dir / name)
         except Exception as exc:
-            if _is_disk_full(exc):
+            if is_disk_full(exc):
                 raise DiskFullError(
                     f"no space left on the disk while saving {run_dir / name}; the previous checkpoints and the adapter "
                     f"are intact. Free some space and run the same command with --resume") from None
@@ -100,9 +102,7 @@ class SafeTrainer(Trainer):
         limit = self.args.save_total_limit
         if not limit:
             return
-        complete = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and is_complete(p)),
-                          key=lambda p: int(p.name.split("-")[-1]))
-        for old in complete[:-limit]:
+        for old in complete_checkpoints(run_dir)[:-limit]:
             _remove(old)
 
 
@@ -128,16 +128,6 @@ def _remove(folder: Path) -> None:
     hidden = folder.with_name(f".deleting-{folder.name}-{os.getpid()}")
     os.rename(folder, hidden)
     shutil.rmtree(hidden, ignore_errors=True)
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 class StopOnSignal(TrainerCallback):

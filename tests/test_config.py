@@ -49,7 +49,8 @@ def test_overrides_are_typed(tmp_path):
     ("model.dtype=float8", ["model.dtype='float8' is unknown", "bf16"]),
     ("data.packing=maybe", ["data.packing='maybe' must be true or false"]),
     ("method.target_modules=everything", ["not a preset", "all-linear"]),
-    ("name=../etc", ["may use only letters"]),
+    ("name=../etc", ["may use only what a registry name may", "letters, digits"]),
+    ("name=_private", ["may use only what a registry name may", "starting with a letter or digit"]),
     ("justakey", ["must look like key=value"]),
 ])
 def test_bad_values_name_key_and_fix(override, words):

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from peftkit.methods.catalog import CATALOG, LORA
+
 PROMPTS = ["What reference number is the Cairn poles listed under?", "Do you ship to Norway, and how long does it take?",
            "My tent pole snapped on the first trip. Is that covered?", "Which sleeping bag is warmest for winter camping?",
            "Can I return boots I have worn outside once?", "How do I reset the head torch to its factory mode?",
@@ -125,7 +127,9 @@ def build_setup(args, workdir: Path) -> tuple[str, list[str]]:
     return str(workdir / "registry"), names
 
 
-OTHER_METHODS = ("prefix", "prompt", "dora", "ia3", "bottleneck", "full")
+# The --methods scenario's other adapters: every catalog method except the plain LoRA kind (build_setup's adapters
+# are that kind) and those on a 4-bit base (qlora needs bitsandbytes on a GPU): dora, prefix, prompt, ia3, bottleneck, full.
+OTHER_METHODS = tuple(m.name for m in CATALOG.values() if m.serve_kind != LORA and not m.quantized_base)
 
 
 def random_method_adapter(base: str | Path, out: Path, method: str, seed: int, scale: float, **fields) -> Path:
@@ -163,14 +167,17 @@ def build_method_adapters(args, workdir: Path) -> list[str]:
 
 def serve_and_measure(args, registry: str, names: list[str], mix: bool, scenarios: list[tuple[str, list[str]]]) -> dict:
     """Return {scenario: results} measured against a fresh in-process server (mixing on or off)."""
-    from peftkit.serving.app import ServerSettings, create_app
+    from peftkit.serving.app import create_app
     from peftkit.serving.engine import Engine
     from peftkit.serving.server import start_background
+    from peftkit.serving.settings import ServeSettings
 
     served = sorted({m for _, models in scenarios for m in models} | set(names))
-    engine = Engine(args.base, registry=registry, dtype=args.dtype, max_loaded_adapters=len(served),
-                    max_batch_size=max(16, args.concurrency), mix_adapters=mix, threads=args.threads).start()
-    server = start_background(create_app(engine, ServerSettings(max_concurrent=4 * args.concurrency)))
+    settings = ServeSettings(args.base, registry=registry, dtype=args.dtype, max_loaded_adapters=len(served),
+                             max_batch_size=max(16, args.concurrency), mix=mix, threads=args.threads,
+                             max_concurrent=4 * args.concurrency)
+    engine = Engine(settings).start()
+    server = start_background(create_app(engine, settings))
     try:
         warm = [args.base] + served  # load every adapter once: loading is not what this measures
         asyncio.run(run_scenario(server.url, None, warm, len(warm), 1, 2, args.max_seconds))

@@ -1,9 +1,7 @@
 """`peftkit compare CONFIG --methods lora,qlora,...`: train each method on the same budget and tabulate them."""
 from __future__ import annotations
 
-import argparse
 import shlex
-import sys
 
 
 def register(sub) -> None:
@@ -22,7 +20,7 @@ def register(sub) -> None:
                    help="learning rate for one method (repeatable); defaults: "
                         + ", ".join(f"{k} {v:g}" for k, v in METHOD_LR.items()) + ", the config's for the LoRA family")
     p.add_argument("--out", default="runs/compare", help="folder for the runs, methods.md and methods.png (default runs/compare)")
-    p.set_defaults(func=cmd_compare, argv=None)
+    p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args) -> int:
@@ -39,9 +37,7 @@ def cmd_compare(args) -> int:
         if not sep:
             raise MethodError(f"--lr {item!r} must look like METHOD=LR, e.g. --lr full=2e-5")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    argv = args.argv if args.argv is not None else sys.argv[1:]
-    argv = argv[1:] if argv[:1] == ["compare"] else argv
-    command = "peftkit compare " + " ".join(shlex.quote(a) for a in argv)
+    command = "peftkit " + " ".join(shlex.quote(a) for a in args.argv)
     result = compare(args.config, methods, overrides=args.overrides, out_dir=args.out, learning_rates=rates, command=command)
     print(measured_table(result.runs))
     print("\nLlama 3.1 8B, exact (meta device, no download):")
@@ -49,22 +45,3 @@ def cmd_compare(args) -> int:
     print(f"\ntable: {result.table}\nchart: {result.chart}")
     return 1 if any(r.error for r in result.runs) else 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `compare` alone (python -m peftkit.cli.compare_cmds CONFIG ...), for builds whose CLI does not list it yet."""
-    from peftkit.errors import PeftkitError
-
-    parser = argparse.ArgumentParser(prog="peftkit")
-    register(parser.add_subparsers(dest="command", required=True))
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(["compare", *argv])
-    args.argv = argv
-    try:
-        return int(args.func(args) or 0)
-    except PeftkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,17 @@
-"""The `serve` command: the base model and the registry's adapters behind an OpenAI-compatible HTTP API."""
+"""The `serve` command: the base model and the registry's adapters behind an OpenAI-compatible HTTP API.
+
+Its options are the fields of peftkit.serving.settings.ServeSettings, help text included; only the
+vLLM launch's own options are written here.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
+import typing
 
-DEFAULT_BASE = "smollm2-135m-instruct"
+from peftkit.serving.settings import ServeSettings
 
 
 def register(sub) -> None:
@@ -13,24 +19,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve the base model and the registry's adapters (OpenAI-compatible HTTP)",
                        description="Serve one base model with many adapters over an OpenAI-compatible API. "
                                    "Clients pick an adapter with `model`: name, name@3, name:tag, or the base's name.")
-    p.add_argument("--base", default=DEFAULT_BASE, help=f"base model: alias, local folder or hub id (default: {DEFAULT_BASE})")
-    p.add_argument("--registry", help="registry folder (default: $PEFTKIT_HOME/registry)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("PEFTKIT_API_KEY"),
-                   help="bearer key required on every route but /health (default: $PEFTKIT_API_KEY)")
-    p.add_argument("--insecure-no-auth", action="store_true",
-                   help="allow listening beyond loopback without an API key")
-    p.add_argument("--max-loaded-adapters", type=int, default=8, help="adapters kept loaded at once (LRU; default 8)")
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together per step (default 16)")
-    p.add_argument("--max-concurrent", type=int, default=64,
-                   help="requests admitted at once, running or queued; more get 429 (default 64)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--served-name", help="name clients use for the base model (default: the --base value or folder name)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; fewer helps on a shared CPU)")
-    p.add_argument("--no-mix", action="store_true",
-                   help="run each adapter in its own batch instead of mixing LoRA, prefix and prompt adapters in one batch")
+    add_settings_options(p)
     p.add_argument("--engine", choices=["native", "vllm"], default="native",
                    help="native: serve here; vllm: print the vLLM launch for the registry's LoRA adapters")
     p.add_argument("--max-lora-rank", type=int, help="vllm: max LoRA rank (default: the smallest allowed that fits)")
@@ -39,38 +28,63 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def add_settings_options(parser) -> None:
+    """Add one option per ServeSettings field, its docstring the help: --max-batch-size N, and --no-mix for mix=True."""
+    from peftkit.config import field_docs
+
+    docs, types = field_docs(ServeSettings), typing.get_type_hints(ServeSettings)
+    for f in dataclasses.fields(ServeSettings):
+        flag, doc = "--" + f.name.replace("_", "-"), docs[f.name]
+        if types[f.name] is bool:
+            if f.default:
+                parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=doc)
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=doc)
+            continue
+        default, env = f.default, f.metadata.get("env")
+        if env:
+            default, doc = os.environ.get(env, default), f"{doc.rstrip('.')} (default: ${env})"
+        elif default is not None:
+            doc = f"{doc.rstrip('.')} (default: {default})"
+        kind = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
+        parser.add_argument(flag, dest=f.name, default=default, type=kind if kind is not str else None,
+                            choices=f.metadata.get("choices"), help=doc)
+
+
+def settings_from(args) -> ServeSettings:
+    """Return the ServeSettings the parsed options name."""
+    return ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+
+
 def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from(args)
     if args.engine == "vllm":
-        return _vllm(args)
+        return _vllm(args, settings)
     from peftkit.serving.server import serve
 
-    serve(args.base, registry=args.registry, host=args.host, port=args.port, api_key=args.api_key,
-          allow_no_auth=args.insecure_no_auth, dtype=args.dtype, served_name=args.served_name,
-          max_loaded_adapters=args.max_loaded_adapters, max_batch_size=args.max_batch_size,
-          mix_adapters=not args.no_mix, max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes,
-          threads=args.threads)
+    serve(settings)
     return 0
 
 
-def _vllm(args) -> int:
+def _vllm(args, settings: ServeSettings) -> int:
     from peftkit.serving.server import check_exposure
     from peftkit.serving.vllm import plan_for_registry
 
-    check_exposure(args.host, args.api_key, args.insecure_no_auth)
-    plan = plan_for_registry(args.base, args.registry, served_name=args.served_name, host=args.host, port=args.port,
-                             max_loras=args.max_loaded_adapters, max_lora_rank=args.max_lora_rank,
-                             all_versions=args.all_versions, dtype=args.dtype)
+    check_exposure(settings.host, settings.api_key, settings.insecure_no_auth)
+    plan = plan_for_registry(settings.base, settings.registry, served_name=settings.served_name, host=settings.host,
+                             port=settings.port, max_loras=settings.max_loaded_adapters, max_lora_rank=args.max_lora_rank,
+                             all_versions=args.all_versions, dtype=settings.dtype)
     for ref, why in plan.rejected:
         print(f"not served by vLLM: {ref}: {why}", file=sys.stderr)
     if not args.run_vllm:
-        if args.api_key:
+        if settings.api_key:
             print("# vLLM reads its key from the environment: export VLLM_API_KEY=<your key> first", file=sys.stderr)
         print(plan.command())
         return 0
     env = dict(os.environ)
-    if args.api_key:
-        env["VLLM_API_KEY"] = args.api_key
+    if settings.api_key:
+        env["VLLM_API_KEY"] = settings.api_key
     try:
         os.execvpe(plan.argv[0], plan.argv, env)
     except FileNotFoundError:

@@ -1,4 +1,8 @@
-"""Fine-tuning methods: METHODS maps the name users type to a builder; load_adapter reads any of them back.
+"""Fine-tuning methods: build_method wraps a base for training, load_adapter reads any adapter back.
+
+What each method is (its name, peft types, how it is served, merged and loaded) is one record in
+`peftkit.methods.catalog`; this module resolves the builders and loaders those records name, so
+importing it stays free of torch until a model is built.
 
 Every builder takes the base model and the method section of the config and returns the
 model to train, with only the method's parameters trainable. Every returned model saves
@@ -8,41 +12,41 @@ model.safetensors); `load_adapter` dispatches on which it finds and on the `peft
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from typing import Callable
 
-from peftkit.methods import bottleneck, full, ia3, lora, prompt
+from peftkit.methods.catalog import CATALOG, FULL, METHOD_NAMES, method_of
 from peftkit.methods.errors import MethodError
+from peftkit.methods.full import is_full_finetune
 
-METHODS = {
-    "lora": lora.build,
-    "dora": lora.build_dora,
-    "qlora": lora.build_qlora,  # the 4-bit base is loaded by models.load_base(quantize_4bit=True)
-    "prefix": prompt.build_prefix,
-    "prompt": prompt.build_prompt,
-    "ia3": ia3.build,
-    "bottleneck": bottleneck.build,
-    "full": full.build,
-}
+__all__ = ["CATALOG", "METHOD_NAMES", "MethodError", "build_method", "builder", "load_adapter", "loader_for",
+           "read_adapter_config", "read_adapter_meta"]
 
-# peft_type in adapter_config.json -> loader for the types peft itself cannot read back
-# (a full fine-tune has no adapter_config.json: see full.is_full_finetune).
-LOADERS = {
-    bottleneck.PEFT_TYPE: bottleneck.load,
-    "PREFIX_TUNING": prompt.load,
-    "PROMPT_TUNING": prompt.load,
-}
 
-__all__ = ["METHODS", "MethodError", "build_method", "load_adapter", "read_adapter_config", "read_adapter_meta"]
+def _resolve(spec: str) -> Callable:
+    module, function = spec.split(":")
+    return getattr(importlib.import_module(f"peftkit.methods.{module}"), function)
+
+
+def builder(name: str) -> Callable:
+    """Return the function that wraps a base model for training with the method users call name."""
+    try:
+        return _resolve(CATALOG[name].builder)
+    except KeyError:
+        raise MethodError(f"method.name={name!r} is unknown; choose one of {', '.join(METHOD_NAMES)}") from None
+
+
+def loader_for(peft_type: str) -> Callable | None:
+    """Return peftkit's own loader for a peft_type stock peft cannot read back (None: stock peft reads it)."""
+    spec = next((m.loader for m in CATALOG.values() if peft_type in m.peft_types and m.loader), None)
+    return _resolve(spec) if spec else None
 
 
 def build_method(model, method_cfg):
     """Return the model wrapped for training with the configured method."""
-    try:
-        builder = METHODS[method_cfg.name]
-    except KeyError:
-        raise MethodError(f"method.name={method_cfg.name!r} is unknown; choose one of {', '.join(METHODS)}") from None
-    return builder(model, method_cfg)
+    return builder(method_cfg.name)(model, method_cfg)
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -63,21 +67,18 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     meta_file = adapter_dir / "peftkit.json"
     if meta_file.is_file():
         return json.loads(meta_file.read_text(encoding="utf-8"))
-    if full.is_full_finetune(adapter_dir):
-        return {"base_model": None, "method": "full", "config": {}}
-    config = read_adapter_config(adapter_dir)
-    return {"base_model": config.get("base_model_name_or_path"), "method": str(config.get("peft_type", "")).lower(), "config": {}}
+    config = None if is_full_finetune(adapter_dir) else read_adapter_config(adapter_dir)
+    return {"base_model": config and config.get("base_model_name_or_path"), "method": method_of(config), "config": {}}
 
 
 def load_adapter(model, adapter_dir: str | Path, *, adapter_name: str = "default", is_trainable: bool = False):
     """Return the base model with the adapter in adapter_dir attached (stock peft for the peft family)."""
-    from peft import PeftModel
-
     adapter_dir = Path(adapter_dir)
-    if full.is_full_finetune(adapter_dir):
-        return full.load(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
-    peft_type = str(read_adapter_config(adapter_dir).get("peft_type", ""))
-    loader = LOADERS.get(peft_type)
-    if loader is not None:
-        return loader(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
-    return PeftModel.from_pretrained(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+    if is_full_finetune(adapter_dir):
+        return _resolve(CATALOG[FULL].loader)(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+    loader = loader_for(str(read_adapter_config(adapter_dir).get("peft_type", "")))
+    if loader is None:
+        from peft import PeftModel
+
+        loader = PeftModel.from_pretrained
+    return loader(model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)

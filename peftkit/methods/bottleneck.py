@@ -7,7 +7,6 @@ base; `disable_adapter()` and `unload()` give the base model's behaviour back.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftkit.atomic import write_json
 from peftkit.methods.bottleneck_layers import attach, build_adapters, decoder_layers
 from peftkit.methods.errors import MethodError
 
@@ -134,9 +134,7 @@ class BottleneckModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        tmp = folder / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(self.peft_config["default"].to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / CONFIG_NAME)
+        write_json(folder / CONFIG_NAME, self.peft_config["default"].to_dict())
 
     def print_trainable_parameters(self) -> None:
         """Print trainable and total parameter counts, as peft models do."""

@@ -54,18 +54,18 @@ def measure(method_cfg, model_config=None, dtype: torch.dtype = torch.bfloat16) 
     """Return the exact footprint of method_cfg on a meta-device model (Llama 3.1 8B by default)."""
     from transformers import LlamaForCausalLM
 
-    from peftkit.methods import METHODS, lora
+    from peftkit.methods import CATALOG, builder, lora
 
     model_config = model_config or llama31_8b_config()
     with torch.device("meta"):
         model = LlamaForCausalLM(model_config).to(dtype)
         base_parameters = sum(p.numel() for p in model.parameters())
-        base_bytes = nf4_bytes(model) if method_cfg.name == "qlora" else sum(p.numel() * p.element_size() for p in model.parameters())
+        quantized = CATALOG[method_cfg.name].quantized_base
+        base_bytes = nf4_bytes(model) if quantized else sum(p.numel() * p.element_size() for p in model.parameters())
         cfg = copy.copy(method_cfg)
         cfg.prompt_init_text = None  # the text only sets starting values, never sizes; it would need the tokenizer
         # A 4-bit base cannot live on the meta device; QLoRA's adapter is exactly LoRA's on the same layers.
-        builder = lora.build if cfg.name == "qlora" else METHODS[cfg.name]
-        wrapped = builder(model, cfg)
+        wrapped = (lora.build if quantized else builder(cfg.name))(model, cfg)
         trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
         saved = saved_tensors(wrapped)
     return Footprint(method=method_cfg.name, trainable=trainable, base_parameters=base_parameters,

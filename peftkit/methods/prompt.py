@@ -10,6 +10,10 @@ from the attention mask, exactly as in the training forward pass.
 
 Packed training rows (several examples, a 4D block mask) are handled here too: peft would
 fail on the 4D mask; we let every example see the virtual tokens, as if trained alone.
+
+Where virtual tokens sit is written once, here, for training and for the server alike: peft's
+prefix table (`prefix_table` writes it, `split_prefix_table` reads it back per layer) and the
+prefill's mask and positions (`virtual_prefill`), which peftkit.serving uses for its batches.
 """
 from __future__ import annotations
 
@@ -98,6 +102,27 @@ class PromptLearningCausalLM(PeftModelForCausalLM):
         return out
 
 
+def virtual_prefill(prompt_lengths: list[int], n: int, *, in_cache: bool,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Return (attention mask, position ids, left pads) to prefill left-padded prompts behind n virtual tokens.
+
+    Placed as in training: every prompt token sees all n virtual tokens, which take positions
+    0..n-1, and the prompt's positions start at n. Keys and values in the cache (prefix
+    tuning, in_cache) sit before the padding: the mask covers those n columns and the position ids
+    only the input. Embeddings in the input (prompt tuning) sit right after the padding, and the mask
+    and position ids cover them. n=0 gives the plain left-padded prefill.
+    """
+    width = max(prompt_lengths)
+    pads = [width - length for length in prompt_lengths]
+    cached = n if in_cache else 0
+    inline = n - cached
+    mask = torch.tensor([[1] * cached + [0] * p + [1] * (inline + length) for p, length in zip(pads, prompt_lengths)],
+                        device=device)
+    # Every real or virtual token before a position counts, so the prompt's positions start after the virtual ones.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
+    return mask, positions, pads
+
+
 def _mask_like(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Return allowed (bool) in mask's convention: bool for sdpa, additive 0 / -inf-like floats for eager."""
     if mask.dtype == torch.bool:
@@ -137,8 +162,26 @@ def vocabulary_activations(model, n: int) -> torch.Tensor:
         cache = model(input_ids=ids, use_cache=True).cache
     keys = torch.stack([layer.keys[0] for layer in cache.layers])      # (layers, kv heads, n, head dim)
     values = torch.stack([layer.values[0] for layer in cache.layers])
-    # peft views a prefix row as (layers * 2, heads, head dim) with key then value for each layer.
+    return prefix_table(keys, values)
+
+
+# peft's prefix layout, written by prefix_table and read back by split_prefix_table (the server reads saved
+# prefixes with it): one row per virtual token holding, for every layer, its key then its value, each (kv heads, head dim).
+
+def prefix_table(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Return peft's prefix table (n, layers * 2 * kv heads * head dim) for keys and values of (layers, kv heads, n, head dim)."""
+    n = keys.shape[2]
     return torch.stack([keys, values], dim=1).permute(3, 0, 1, 2, 4).reshape(n, -1)
+
+
+def split_prefix_table(table: torch.Tensor, config: dict) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Return (keys, values), one (kv heads, n, head dim) tensor per layer, from a prefix table of n rows.
+
+    config is the adapter's adapter_config.json: num_layers, num_attention_heads (the kv heads) and token_dim.
+    """
+    n, layers, heads = table.shape[0], int(config["num_layers"]), int(config["num_attention_heads"])
+    kv = table.view(n, layers * 2, heads, int(config["token_dim"]) // heads).permute(1, 2, 0, 3)
+    return tuple(kv[0::2].contiguous()), tuple(kv[1::2].contiguous())
 
 
 def build_prompt(model, method_cfg):

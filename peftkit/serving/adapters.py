@@ -1,9 +1,11 @@
-"""Which model a request names, and the LRU of adapters loaded beside the one base model.
+"""Which model a request names: registry references and the base's served name, turned into Profiles.
 
 Clients name models by registry reference (`name`, `name@3`, `name:stable`) or by the base model's
 served name. A name is looked up in the registry catalog and nowhere else: it is never read as a
-path. What the engine needs to run an adapter (its folder, method, chat template, system prompt
-and stop tokens, as recorded at training time) is read once per content digest and kept.
+path. What the engine needs to run an adapter (its folder, how its method is served, and the chat
+template, system prompt and stop tokens it was trained with, from peftkit.prompting) is read once
+per content digest and kept. Which methods are served, and how, is the method catalog's
+(peftkit.methods.catalog); the adapters loaded now are peftkit.serving.loaded's.
 """
 from __future__ import annotations
 
@@ -13,17 +15,19 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from peftkit.errors import PeftkitError
+from peftkit.methods.catalog import CATALOG, MIXED_KINDS, serve_kind_of
+from peftkit.prompting import Prompting, read_prompting, stop_ids
 from peftkit.serving.errors import UnknownModelError, UnsupportedAdapterError
-from peftkit.serving.kinds import LORA, VIRTUAL
 
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 MAX_MODEL_NAME = 256
-SERVED_METHODS = ("lora", "qlora", "dora", "prefix", "prompt", "ia3", "bottleneck", "full")
+SERVED_METHODS = tuple(CATALOG)  # every method in the catalog has a serve kind: the server runs all peftkit trains
+SERVED_PEFT_TYPES = tuple(dict.fromkeys(t for m in CATALOG.values() for t in m.peft_types))
 PROFILE_CACHE = 1024
 
 
@@ -40,9 +44,10 @@ class Profile:
     folder: Path | None
     method: str
     kind: str
-    """How the engine runs it: lora, dora, virtual or model (see peftkit.serving.kinds); "base" for the base."""
+    """How the engine runs it: the method's serve_kind (lora, dora, virtual or model; see peftkit.serving.kinds),
+    or "base" for the base."""
     mixable: bool
-    """Rows may share a forward with other adapters' rows: LoRA without DoRA (adapter_names), prefix and prompt tuning."""
+    """Rows may share a forward with other adapters' rows: a kind of the catalog's MIXED_KINDS (LoRA, prefix, prompt)."""
     system_prompt: str | None
     chat_template: str | None
     stop_ids: frozenset[int]
@@ -61,7 +66,8 @@ class Resolver:
         self._local = threading.local()  # sqlite connections may not cross threads
         self._profiles: OrderedDict[str, Profile] = OrderedDict()
         self._lock = threading.Lock()
-        self.base = Profile(base_name, None, None, None, "base", "base", True, None, None, self._stops(None))
+        base = read_prompting(None)
+        self.base = Profile(base_name, None, None, None, "base", "base", True, None, None, self._stops(base))
 
     def registry(self):
         """Return this thread's Registry handle."""
@@ -82,7 +88,7 @@ class Resolver:
         from peftkit.registry import InvalidNameError, UnknownRefError
 
         try:
-            entry = self.registry().resolve(model)
+            entry = self.registry().show(model)
         except (UnknownRefError, InvalidNameError):
             raise UnknownModelError(f"The model `{model}` does not exist; GET /v1/models lists the base model and "
                                     "the registry's adapters", param="model") from None
@@ -113,83 +119,25 @@ class Resolver:
         if why:
             raise UnsupportedAdapterError(f"adapter {entry.ref} cannot be served: {why}", param="model")
         from peftkit.methods.full import is_full_finetune
-        from peftkit.serving.kinds import adapter_kind
 
         folder = Path(self.registry().checkout(entry.ref))
         config = None
         if not is_full_finetune(folder):
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-        kind = adapter_kind(config)
+        kind = serve_kind_of(config)
         if kind is None:
             raise UnsupportedAdapterError(f"adapter {entry.ref} cannot be served: its peft_type {config.get('peft_type')!r} "
-                                          "is not one this server runs (LoRA, DoRA, prefix, prompt, IA3, bottleneck, "
-                                          "or a full fine-tune)", param="model")
-        data = ((entry.config or {}).get("data") or {}) if isinstance(entry.config, dict) else {}
-        template = data.get("chat_template") or _saved_template(folder)
+                                          f"is not one this server runs ({', '.join(SERVED_PEFT_TYPES)}, or a full "
+                                          "fine-tune)", param="model")
+        prompting = read_prompting(folder, entry.config if isinstance(entry.config, dict) else None)
         try:
-            stops = self._stops(template)
+            stops = self._stops(prompting)
         except PeftkitError as exc:
             raise UnsupportedAdapterError(f"adapter {entry.ref} cannot be served: its chat template fails here ({exc})",
                                           param="model") from None
         return Profile(entry.name, entry.ref, "ad_" + entry.content_sha256[:16], folder, entry.method, kind,
-                       kind in (LORA, VIRTUAL), data.get("system_prompt"), template, stops)
+                       kind in MIXED_KINDS, prompting.system_prompt, prompting.chat_template, stops)
 
-    def _stops(self, chat_template: str | None) -> frozenset[int]:
-        from peftkit.serving.prompts import stop_token_ids
-
+    def _stops(self, prompting: Prompting) -> frozenset[int]:
         with self.tokenizer_lock:
-            return frozenset(stop_token_ids(self.tokenizer, chat_template=chat_template))
-
-
-def _saved_template(folder: Path) -> str | None:
-    # Training saves the tokenizer beside the adapter; its template is the one the adapter learned.
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
-
-
-class AdapterCache:
-    """An LRU of adapters loaded into the model, at most `capacity`; adapters of rows in flight are pinned."""
-
-    def __init__(self, capacity: int, load: Callable[[Profile], None], unload: Callable[[str], None]):
-        if capacity < 1:
-            raise UnsupportedAdapterError(f"--max-loaded-adapters={capacity} must be at least 1")
-        self.capacity = capacity
-        self._load = load
-        self._unload = unload
-        self._pins: OrderedDict[str, int] = OrderedDict()  # key -> rows using it; order = least recently used first
-        self.hits = self.misses = self.evictions = 0
-
-    def acquire(self, profile: Profile) -> bool:
-        """Return True once the profile's adapter is loaded and pinned; False when every slot is pinned."""
-        key = profile.key
-        if key in self._pins:
-            self.hits += 1
-            self._pins[key] += 1
-            self._pins.move_to_end(key)
-            return True
-        if len(self._pins) >= self.capacity and all(n > 0 for n in self._pins.values()):
-            return False
-        self.misses += 1
-        self._load(profile)  # load before evicting, so a failed load leaves the cache as it was
-        self._pins[key] = 1
-        for old in [k for k, n in self._pins.items() if n == 0 and k != key]:
-            if len(self._pins) <= self.capacity:
-                break
-            self._unload(old)
-            del self._pins[old]
-            self.evictions += 1
-        return True
-
-    def release(self, key: str) -> None:
-        """Unpin one use of an adapter (it stays loaded until evicted)."""
-        self._pins[key] -= 1
-
-    def loaded(self) -> list[str]:
-        """Return the keys loaded now, least recently used first."""
-        return list(self._pins)
+            return frozenset(stop_ids(self.tokenizer, prompting))

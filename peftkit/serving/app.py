@@ -1,6 +1,6 @@
 """The HTTP layer: OpenAI-compatible routes over an Engine, with auth, limits, errors and metrics. No model code.
 
-    app = create_app(Engine(...).start(), ServerSettings(api_key="..."))
+    app = create_app(Engine(settings).start(), settings)      # settings: a ServeSettings
 
 Every route but /health needs `Authorization: Bearer KEY` when a key is set (compared in constant
 time). POST bodies are read whole up to a size limit before any route sees them. Generation
@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +26,7 @@ from peftkit.serving.errors import (ContextLengthError, EngineUnavailableError, 
                                     OverloadedError, ServingError, UnknownModelError, UnsupportedAdapterError)
 from peftkit.serving.guard import Guard
 from peftkit.serving.metrics import Metrics
+from peftkit.serving.settings import ServeSettings
 
 # (error class, HTTP status, OpenAI error type, code); the first match wins.
 ERRORS = (
@@ -41,43 +41,39 @@ ERRORS = (
 )
 
 
-@dataclass
-class ServerSettings:
-    """HTTP-side limits and auth."""
-
-    api_key: str | None = None
-    """Bearer key required on every route but /health; None serves without authentication (loopback only)."""
-    max_body_bytes: int = 1 << 20
-    """Largest request body accepted; larger ones get 413."""
-    max_concurrent: int = 64
-    """Generation requests admitted at once (running or queued); more get 429 with Retry-After."""
-    retry_after_s: int = 1
-    """Seconds a client refused with 429 is told to wait."""
-    max_adapter_labels: int = 32
-    """Distinct adapter names given their own metrics label; the rest count as "other"."""
+def error_fields(exc: ServingError) -> tuple[int, str, str | None]:
+    """Return the HTTP status, OpenAI error type and code of a ServingError."""
+    return next((s, t, c) for cls, s, t, c in ERRORS if isinstance(exc, cls))
 
 
 def error_response(exc: ServingError) -> JSONResponse:
     """Return the OpenAI-shaped error response and status for a ServingError."""
-    status, type_, code = next((s, t, c) for cls, s, t, c in ERRORS if isinstance(exc, cls))
+    status, type_, code = error_fields(exc)
     return JSONResponse(oai.error_body(str(exc), type_, exc.param, code), status_code=status)
 
 
-def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
-    """Return the FastAPI app serving `engine` with the given auth and limits."""
-    settings = settings or ServerSettings()
+def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
+    """Return the FastAPI app serving `engine` with the settings' auth and limits."""
+    settings = settings or ServeSettings()
     metrics = Metrics(engine, settings.max_adapter_labels)
     app = FastAPI(title="peftkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, metrics=metrics)
-    limiter = {"in_flight": 0}
-    created = int(time.time())
+    add_error_handlers(app, settings.retry_after_s)
+    add_status_routes(app, engine, metrics)
+    add_model_routes(app, engine)
+    add_generation_routes(app, engine, Slots(settings.max_concurrent, settings.retry_after_s, metrics), metrics)
+    return app
+
+
+def add_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    """Answer every error in OpenAI's shape: ServingErrors by their class, bad bodies, unknown routes, crashes."""
 
     @app.exception_handler(ServingError)
     async def _serving_error(request: Request, exc: ServingError):
         response = error_response(exc)
         if isinstance(exc, OverloadedError):
-            response.headers["Retry-After"] = str(settings.retry_after_s)
+            response.headers["Retry-After"] = str(retry_after_s)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -99,6 +95,10 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     async def _crash(request: Request, exc: Exception):
         return JSONResponse(oai.error_body("The server had an error while processing your request", "server_error"), 500)
 
+
+def add_status_routes(app: FastAPI, engine, metrics: Metrics) -> None:
+    """Add /health (the process answers), /ready (the model is loaded) and /metrics (Prometheus)."""
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -112,6 +112,11 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     @app.get("/metrics")
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def add_model_routes(app: FastAPI, engine) -> None:
+    """Add /v1/models and /v1/models/{model}: the base and every registry reference the server can run."""
+    created = int(time.time())
 
     @app.get("/v1/models")
     async def list_models():
@@ -128,62 +133,81 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
             raise UnknownModelError(f"The model `{model}` does not exist", param="model")
         return _model_card(found, engine.served_name, created)
 
+
+def add_generation_routes(app: FastAPI, engine, slots: Slots, metrics: Metrics) -> None:
+    """Add /v1/chat/completions and /v1/completions, streamed or whole, within the concurrency slots."""
+
     @app.post("/v1/chat/completions")
     async def chat(body: oai.ChatCompletionRequest, request: Request):
-        return await _generate("chat", body, request)
+        return await _generate("chat", body, request, engine, slots, metrics)
 
     @app.post("/v1/completions")
     async def completions(body: oai.CompletionRequest, request: Request):
-        return await _generate("text", body, request)
+        return await _generate("text", body, request, engine, slots, metrics)
 
-    async def _generate(kind: str, body, request: Request):
-        started = time.perf_counter()
-        route = request.url.path
-        if limiter["in_flight"] >= settings.max_concurrent:
-            metrics.rejected.labels("concurrency").inc()
-            raise OverloadedError(f"the server is at its limit of {settings.max_concurrent} concurrent requests; "
-                                  f"retry after {settings.retry_after_s} s")
-        limiter["in_flight"] += 1
-        metrics.in_flight.inc()
-        state = {"released": False}
 
-        def release():
-            if not state["released"]:
-                state["released"] = True
-                limiter["in_flight"] -= 1
-                metrics.in_flight.dec()
+class Slots:
+    """The concurrency limit: generation requests admitted and not yet finished, at most `limit`."""
 
+    def __init__(self, limit: int, retry_after_s: int, metrics: Metrics):
+        self.limit, self.retry_after_s, self.metrics = limit, retry_after_s, metrics
+        self.in_flight = 0
+
+    def take(self) -> Callable[[], None]:
+        """Return the function that frees the slot taken (safe to call twice); OverloadedError when none is free."""
+        if self.in_flight >= self.limit:
+            self.metrics.rejected.labels("concurrency").inc()
+            raise OverloadedError(f"the server is at its limit of {self.limit} concurrent requests; "
+                                  f"retry after {self.retry_after_s} s")
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+                self.metrics.in_flight.dec()
+        return release
+
+
+async def _generate(kind: str, body, request: Request, engine, slots: Slots, metrics: Metrics):
+    """Return the response to one generation request: an event stream, or the whole completion once finished."""
+    started = time.perf_counter()
+    release = slots.take()
+    try:
+        _require_ready(engine)
+        queue: asyncio.Queue = asyncio.Queue()
+        handle = await run_in_threadpool(engine.submit, body.to_engine(), _enqueue(queue))
+    except BaseException:
+        release()
+        raise
+    run = _Run(kind, oai.new_id(kind), body.model, handle, queue, metrics, request.url.path, started)
+    if body.stream:
+        return ClosingStream(run.sse(request, body.include_usage, release), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        text, last = await run.collect(request)
+    finally:
+        release()
+    if last is None:  # the client left; nobody reads this
+        return Response(status_code=499)
+    if last.error is not None:
+        raise last.error
+    return JSONResponse(oai.completion_body(kind, run.rid, body.model, text, last.finish_reason,
+                                            handle.prompt_tokens, last.completion_tokens))
+
+
+def _enqueue(queue: asyncio.Queue) -> Callable:
+    loop = asyncio.get_running_loop()
+
+    def on_event(event):  # called on the engine's thread
         try:
-            _require_ready(engine)
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue = asyncio.Queue()
-
-            def on_event(event):  # called on the engine's thread
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, event)
-                except RuntimeError:  # the loop is closed: the server is shutting down
-                    pass
-
-            handle = await run_in_threadpool(engine.submit, body.to_engine(), on_event)
-        except BaseException:
-            release()
-            raise
-        run = _Run(kind, oai.new_id(kind), body.model, handle, queue, metrics, route, started)
-        if body.stream:
-            return ClosingStream(run.sse(request, body.include_usage, release), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            text, last = await run.collect(request)
-        finally:
-            release()
-        if last is None:  # the client left; nobody reads this
-            return Response(status_code=499)
-        if last.error is not None:
-            raise last.error
-        return JSONResponse(oai.completion_body(kind, run.rid, body.model, text, last.finish_reason,
-                                                handle.prompt_tokens, last.completion_tokens))
-
-    return app
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+    return on_event
 
 
 class _Run:
@@ -234,7 +258,7 @@ class _Run:
                 yield _data(oai.chunk_body("chat", self.rid, self.model, "", None, first=True))
             while (event := await self.next_event(gone)) is not None:
                 if event.error is not None:
-                    status, type_, code = next((s, t, c) for cls, s, t, c in ERRORS if isinstance(event.error, cls))
+                    _, type_, code = error_fields(event.error)
                     yield _data(oai.error_body(str(event.error), type_, event.error.param, code))
                     break
                 if event.text:

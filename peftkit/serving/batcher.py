@@ -6,6 +6,8 @@ prefilling on their own cache, which is then padded on the left and stacked unde
 rows leave by selecting the remaining batch indices, and columns that only padding still uses
 are trimmed away. Pad columns are masked out of attention and every row keeps its own
 positions, so what a row generates does not depend on its batch-mates (a test holds us to it).
+A prefill's mask and positions come from peftkit.methods.prompt.virtual_prefill, which places a
+prefix/prompt adapter's virtual tokens as training placed them.
 """
 from __future__ import annotations
 
@@ -65,22 +67,19 @@ class Lane:
         """
         from transformers import DynamicCache
 
+        from peftkit.methods.prompt import virtual_prefill
+
         virtual = rows[0].virtual
         n = virtual.length if virtual is not None else 0
-        prefix = n if virtual is not None and virtual.kind == "prefix" else 0  # in the cache, before the padding
-        inline = n - prefix  # prompt-tuning embeddings: in the input, after the padding
-        width = max(len(r.prompt_ids) for r in rows)
-        pads = [width - len(r.prompt_ids) for r in rows]
+        in_cache = virtual is not None and virtual.kind == "prefix"  # prefix tuning: keys and values, not embeddings
+        mask, positions, pads = virtual_prefill([len(r.prompt_ids) for r in rows], n, in_cache=in_cache,
+                                                device=self.device)
         ids = torch.tensor([[self.pad_id] * p + r.prompt_ids for p, r in zip(pads, rows)], device=self.device)
-        mask = torch.tensor([[1] * prefix + [0] * p + [1] * (inline + len(r.prompt_ids)) for p, r in zip(pads, rows)],
-                            device=self.device)
-        # Every real or virtual token before a position counts, so the prompt's positions start after the virtual ones.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:]
         cache, embeds = DynamicCache(), None
-        if prefix:  # each layer's cache starts with the learned keys and values
+        if in_cache:  # each layer's cache starts with the learned keys and values
             for layer, (k, v) in enumerate(zip(virtual.keys, virtual.values)):
                 cache.update(k.expand(len(rows), *k.shape), v.expand(len(rows), *v.shape), layer)
-        elif inline:
+        elif n:  # prompt-tuning embeddings: in the input, right after the padding
             tokens = self.embed(ids)
             learned = virtual.embeddings.to(tokens.dtype)
             embeds = torch.stack([torch.cat([tokens[i, :p], learned, tokens[i, p:]]) for i, p in enumerate(pads)])

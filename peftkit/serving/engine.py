@@ -1,6 +1,6 @@
 """The serving engine: one base model, an LRU of adapters, and a worker thread that batches every request.
 
-    engine = Engine("smollm2-135m-instruct", registry="~/.peftkit/registry").start()
+    engine = Engine(ServeSettings("smollm2-135m-instruct", registry="~/.peftkit/registry")).start()
     done = engine.generate(GenerationRequest(model="retail-bot:stable", messages=[{"role": "user", "content": "Hi"}],
                                              max_tokens=64, temperature=0))
 
@@ -9,59 +9,45 @@ on a cache miss), runs one forward per lane, picks one token per row and hands t
 request's callback. Base rows, LoRA rows for any number of adapters (peft's `adapter_names`) and
 prefix/prompt-tuning rows (their virtual tokens enter at prefill) share one lane; DoRA, IA3,
 bottleneck and full fine-tune adapters, which change the layers themselves, get a lane each
-(see peftkit.serving.kinds).
+(see peftkit.serving.kinds). What is loaded, and which model a lane's forward calls, is
+peftkit.serving.loaded's; this module schedules.
 A hand-written token loop (rather than `model.generate`) is what lets requests join and leave
 between steps, stop on their own stop tokens and strings, and be cancelled when a client leaves.
 """
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import secrets
 import threading
-import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from peftkit.serving.adapters import BASE, AdapterCache, Profile, Resolver
+from peftkit.methods.catalog import DORA, LORA, VIRTUAL
+from peftkit.serving.adapters import BASE, Profile, Resolver
 from peftkit.serving.batcher import Lane, Row, pick_tokens
-from peftkit.serving.kinds import DORA, LORA, MODEL, VIRTUAL, load_model_adapter, load_virtual, shared_copy
 from peftkit.serving.errors import (ContextLengthError, EngineUnavailableError, GenerationFailedError, InvalidRequestError,
                                     ServingError)
+from peftkit.serving.loaded import MIXED, LoadedAdapters
 from peftkit.serving.prompts import chat_prompt_ids, completion_prompt_ids
 from peftkit.serving.requests import Completion, Event, GenerationRequest, Handle
+from peftkit.serving.settings import ServeSettings
 from peftkit.serving.stream import TextStream
 
+__all__ = ["Completion", "Engine", "Event", "GenerationRequest", "Handle"]
 log = logging.getLogger(__name__)
-MIXED = "__mixed__"  # the lane LoRA and base rows share
-
-
-def default_served_name(base: str) -> str:
-    """Return the name clients use for the base: a local folder's (or file's) name, else what was given."""
-    path = Path(base).expanduser()
-    return (path.stem if path.is_file() else path.name) if path.exists() else base
 
 
 class Engine:
     """One base model served with many adapters; thread-safe submit, one worker thread generating."""
 
-    def __init__(self, base: str = "smollm2-135m-instruct", *, registry: str | None = None, dtype: str = "auto",
-                 max_loaded_adapters: int = 8, max_batch_size: int = 16, served_name: str | None = None,
-                 mix_adapters: bool = True, device: str | None = None, threads: int | None = None):
-        self.base = base
-        self.registry_path = registry
-        self.dtype = dtype
-        self.device = device
-        self.max_batch_size = max_batch_size
-        self.mix_adapters = mix_adapters
-        self.threads = threads
-        self.served_name = served_name or default_served_name(base)
-        self.cache = AdapterCache(max_loaded_adapters, self._load_adapter, self._unload_adapter)
+    def __init__(self, settings: ServeSettings | None = None):
+        self.settings = settings = settings or ServeSettings()
+        self.served_name = settings.base_name
+        self.adapters = LoadedAdapters(settings.max_loaded_adapters, dtype=settings.dtype, device=settings.device)
         self.context_length = 0
-        self.stats = collections.Counter()  # steps, tokens, finished_<reason>, adapter_load_seconds_total
+        self.stats = collections.Counter()  # steps, tokens, finished_<reason>
         self.batch_sizes: collections.Counter = collections.Counter()  # rows per forward -> forwards
         self.error: BaseException | None = None
         self._queue: collections.deque[tuple[Row, Handle, Profile]] = collections.deque()
@@ -71,10 +57,7 @@ class Engine:
         self._ready = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.model = self.peft = self.tokenizer = self.resolver = None
-        self._pristine = None  # the base's module tree before any LoRA is injected (sharing its weights)
-        self._virtual: dict[str, Any] = {}  # adapter key -> VirtualTokens of a loaded prefix/prompt adapter
-        self._models: dict[str, torch.nn.Module] = {}  # adapter key -> model of a loaded IA3/bottleneck/full adapter
+        self.model = self.tokenizer = self.resolver = None
         self._tok_lock = threading.Lock()
 
     # ------------------------------------------------------------ life cycle
@@ -108,24 +91,25 @@ class Engine:
 
         import peft  # noqa: F401 - imported now (seconds) rather than on the first adapter request
 
-        if self.threads:
+        settings = self.settings
+        if settings.threads:
             # Set on the worker thread, which runs every forward. On a CPU shared with other jobs, fewer intra-op
             # threads than cores keeps OpenMP threads from spinning against each other (measured on a shared
             # 2-core machine: one thread ran a decode-sized matmul 40x faster than two).
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(settings.threads)
 
-        path = resolve_model(self.base)
-        self.tokenizer = load_tokenizer(self.base)
-        self._decoder = load_tokenizer(self.base)  # the worker's own copy: tokenizers are not shared across threads
-        self.model = load_base(self.base, dtype=self.dtype, device=self.device).eval()
-        self._pristine = shared_copy(self.model)
+        path = resolve_model(settings.base)
+        self.tokenizer = load_tokenizer(settings.base)
+        self._decoder = load_tokenizer(settings.base)  # the worker's own copy: tokenizers are not shared across threads
+        self.model = load_base(settings.base, dtype=settings.dtype, device=settings.device).eval()
+        self.adapters.attach(self.model)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.vocab_size = int(self.model.config.vocab_size)
         try:
             fingerprint = base_fingerprint(path)
         except Exception:  # noqa: BLE001 - without a fingerprint, base checks fall back to trusting the registry
             fingerprint = None
-        self.resolver = Resolver(self.registry_path, self.served_name, fingerprint, self.tokenizer, self._tok_lock)
+        self.resolver = Resolver(settings.registry, self.served_name, fingerprint, self.tokenizer, self._tok_lock)
 
     # ------------------------------------------------------------ requests
 
@@ -166,10 +150,10 @@ class Engine:
 
     def snapshot(self) -> dict[str, Any]:
         """Return the engine's counters and gauges now (safe to call from any thread)."""
-        stats = dict(self.stats)
-        return {"adapter_cache_hits": self.cache.hits, "adapter_cache_misses": self.cache.misses,
-                "adapter_cache_evictions": self.cache.evictions, "adapters_loaded": len(self.cache.loaded()),
-                "adapter_cache_capacity": self.cache.capacity, "generated_tokens": stats.get("tokens", 0),
+        stats, cache = dict(self.stats), self.adapters.cache
+        return {"adapter_cache_hits": cache.hits, "adapter_cache_misses": cache.misses,
+                "adapter_cache_evictions": cache.evictions, "adapters_loaded": len(cache.loaded()),
+                "adapter_cache_capacity": cache.capacity, "generated_tokens": stats.get("tokens", 0),
                 "forward_passes": stats.get("steps", 0), "running_requests": self._running(),
                 "queued_requests": len(self._queue) + len(self._waiting), "engine_ready": int(self.ready),
                 "finished": {k[len("finished_"):]: v for k, v in stats.items() if k.startswith("finished_")},
@@ -242,12 +226,12 @@ class Engine:
             if handle.cancelled.is_set():
                 self._finish(row, "cancelled")
                 continue
-            if self._running() + sum(map(len, joining.values())) >= self.max_batch_size:
+            if self._running() + sum(map(len, joining.values())) >= self.settings.max_batch_size:
                 still_waiting.append((row, handle, profile))
                 continue
             if profile.key is not None:
                 try:
-                    if not self.cache.acquire(profile):  # every loaded adapter is in use: wait for a slot
+                    if not self.adapters.cache.acquire(profile):  # every loaded adapter is in use: wait for a slot
                         still_waiting.append((row, handle, profile))
                         continue
                     row.pinned = True
@@ -256,15 +240,15 @@ class Engine:
                     self._finish(row, "error", GenerationFailedError(f"adapter {profile.ref} failed to load: {exc}"))
                     continue
             if profile.kind == VIRTUAL:
-                row.virtual = self._virtual[profile.key]
-            lane = MIXED if profile.key is None or (profile.mixable and self.mix_adapters) else profile.key
+                row.virtual = self.adapters.virtual[profile.key]
+            lane = MIXED if profile.key is None or (profile.mixable and self.settings.mix) else profile.key
             # Rows prefilled together share their virtual tokens (or have none).
             joining.setdefault((lane, profile.key if profile.kind == VIRTUAL else None), []).append(row)
         self._waiting = still_waiting
         for (name, _), rows in joining.items():
             lane = self._lanes.get(name)
             if lane is None:
-                lane = self._lanes[name] = Lane(self._forward_for(name), self.tokenizer.pad_token_id, self.model.device,
+                lane = self._lanes[name] = Lane(self.adapters.forward_for(name), self.tokenizer.pad_token_id, self.model.device,
                                                 embed=self.model.get_input_embeddings())
             self._run_lane(lane, rows, lambda: lane.add(rows))
 
@@ -326,7 +310,7 @@ class Engine:
         self.stats[f"finished_{reason}"] += 1
         if row.pinned:
             row.pinned = False
-            self.cache.release(row.adapter)
+            self.adapters.cache.release(row.adapter)
         handle.emit(Event(tail, reason, len(row.output_ids), error))
 
     def _fail_all(self, error: ServingError) -> None:
@@ -339,52 +323,3 @@ class Engine:
             for row in lane.rows:
                 self._finish(row, "error", error)
         self._lanes.clear()
-
-    # ------------------------------------------------------------ model calls
-
-    def _forward_for(self, lane: str) -> Callable:
-        def forward(ids, mask, positions, cache, names, embeds):
-            kwargs = dict(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
-                          use_cache=True, logits_to_keep=1)
-            own = self._models.get(lane)
-            if own is not None:  # IA3, bottleneck or full fine-tune: its own module tree
-                model = own
-            elif self.peft is None or not self.peft.peft_config:
-                model = self.model
-            elif lane == MIXED or lane in self._virtual:  # base, LoRA and prefix/prompt rows
-                model, kwargs["adapter_names"] = self.peft, names
-            else:  # an unmixable LoRA adapter (DoRA) runs alone in its lane, as the active adapter
-                model = self.peft
-                if self.peft.active_adapter != lane:
-                    self.peft.set_adapter(lane, inference_mode=True)
-            return model(**kwargs).logits[:, -1, :].float()
-        return forward
-
-    def _load_adapter(self, profile: Profile) -> None:
-        started = time.perf_counter()
-        if profile.kind == VIRTUAL:
-            config = json.loads((profile.folder / "adapter_config.json").read_text(encoding="utf-8"))
-            self._virtual[profile.key] = load_virtual(profile.folder, config, dtype=self.model.dtype, device=self.model.device)
-        elif profile.kind == MODEL:
-            self._models[profile.key] = load_model_adapter(profile.folder, self._pristine, dtype=self.dtype,
-                                                           device=self.device)
-        else:
-            self._load_lora(profile)
-        self.stats["adapter_load_seconds_total"] += time.perf_counter() - started
-        log.info("loaded %s adapter %s as %s", profile.method, profile.ref, profile.key)
-
-    def _load_lora(self, profile: Profile) -> None:
-        from peft import PeftModel
-
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, profile.folder, adapter_name=profile.key, low_cpu_mem_usage=True)
-        else:
-            self.peft.load_adapter(profile.folder, adapter_name=profile.key, low_cpu_mem_usage=True)
-        # Keep the active adapter one that exists: peft leaves a deleted one active when it was the last.
-        self.peft.set_adapter(profile.key, inference_mode=True)
-        self.peft.eval()
-
-    def _unload_adapter(self, key: str) -> None:
-        if self._virtual.pop(key, None) is None and self._models.pop(key, None) is None:
-            self.peft.delete_adapter(key)
-        log.info("evicted adapter %s", key)

@@ -1,5 +1,8 @@
 """How each fine-tuning method is run by the server, beside the LoRA adapters of the shared PeftModel.
 
+Each method's kind is its `serve_kind` in peftkit.methods.catalog (`serve_kind_of` reads it from an
+adapter_config.json):
+
     lora     rows of any number of LoRA adapters share one forward (peft's adapter_names)
     dora     peft cannot mix DoRA rows, so each DoRA adapter gets a lane, as the shared model's active adapter
     virtual  prefix and prompt tuning change no weight: their virtual tokens go into a row's prefill (as a
@@ -10,7 +13,8 @@
              every weight tensor (only the small adapter is new memory); a full fine-tune is a whole model
 
 Virtual tokens are placed exactly as training placed them: n virtual tokens at positions 0..n-1,
-seen by every prompt token, whose positions then start at n (see peftkit.methods.prompt).
+seen by every prompt token, whose positions then start at n. Their layouts (the prefix table, the
+prefill's mask and positions) are defined once, in peftkit.methods.prompt.
 """
 from __future__ import annotations
 
@@ -21,22 +25,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported by whoever loads a model; this module stays light to import
     import torch
-
-LORA, DORA, VIRTUAL, MODEL = "lora", "dora", "virtual", "model"
-PEFT_TYPE_KINDS = {"PREFIX_TUNING": VIRTUAL, "PROMPT_TUNING": VIRTUAL, "IA3": MODEL, "PEFTKIT_BOTTLENECK": MODEL}
-
-
-def adapter_kind(config: dict | None) -> str | None:
-    """Return how an adapter runs, from its adapter_config.json (pass None for a full fine-tune's folder).
-
-    Returns None for a peft type the server does not run (LoHa, LoKr, ...).
-    """
-    if config is None:
-        return MODEL
-    peft_type = config.get("peft_type")
-    if peft_type == "LORA":
-        return DORA if config.get("use_dora", False) else LORA
-    return PEFT_TYPE_KINDS.get(peft_type)
 
 
 @dataclass(frozen=True)
@@ -66,10 +54,10 @@ def load_virtual(folder: Path, config: dict, *, dtype: torch.dtype, device: torc
     table = table[:n].to(device=device, dtype=dtype)
     if config["peft_type"] == "PROMPT_TUNING":
         return VirtualTokens("prompt", n, embeddings=table)
-    layers, heads = int(config["num_layers"]), int(config["num_attention_heads"])
-    # peft's layout: each virtual token holds, for every layer, its key then its value, each (heads, head dim).
-    kv = table.view(n, layers * 2, heads, int(config["token_dim"]) // heads).permute(1, 2, 0, 3)
-    return VirtualTokens("prefix", n, keys=tuple(kv[0::2].contiguous()), values=tuple(kv[1::2].contiguous()))
+    from peftkit.methods.prompt import split_prefix_table
+
+    keys, values = split_prefix_table(table, config)
+    return VirtualTokens("prefix", n, keys=keys, values=values)
 
 
 def shared_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -16,6 +16,17 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 OTHER = "other"
+# The engine's snapshot keys read at scrape time, with their help text.
+ENGINE_COUNTERS = {"adapter_cache_hits": "Requests whose adapter was already loaded",
+                   "adapter_cache_misses": "Requests that loaded their adapter",
+                   "adapter_cache_evictions": "Adapters unloaded to make room",
+                   "generated_tokens": "Tokens generated, all requests",
+                   "forward_passes": "Model forward passes (prefill and decode steps)"}
+ENGINE_GAUGES = {"adapters_loaded": "Adapters loaded in the model now",
+                 "adapter_cache_capacity": "Most adapters kept loaded (--max-loaded-adapters)",
+                 "running_requests": "Requests generating now (rows in the batch)",
+                 "queued_requests": "Requests waiting for a batch slot or an adapter slot",
+                 "engine_ready": "1 when the model is loaded and the worker runs"}
 
 
 class Metrics:
@@ -73,22 +84,13 @@ class EngineCollector:
 
     def collect(self):
         snap = self.engine.snapshot()
-        for name, doc in (("adapter_cache_hits", "Requests whose adapter was already loaded"),
-                          ("adapter_cache_misses", "Requests that loaded their adapter"),
-                          ("adapter_cache_evictions", "Adapters unloaded to make room"),
-                          ("generated_tokens", "Tokens generated, all requests"),
-                          ("forward_passes", "Model forward passes (prefill and decode steps)")):
-            yield CounterMetricFamily(f"peftkit_{name}", doc, value=snap[name])
+        for family, series in ((CounterMetricFamily, ENGINE_COUNTERS), (GaugeMetricFamily, ENGINE_GAUGES)):
+            for name, doc in series.items():
+                yield family(f"peftkit_{name}", doc, value=snap[name])
         finished = CounterMetricFamily("peftkit_engine_requests_finished", "Engine requests by finish reason", labels=["reason"])
         for reason, n in sorted(snap["finished"].items()):
             finished.add_metric([reason], n)
         yield finished
-        for name, doc in (("adapters_loaded", "Adapters loaded in the model now"),
-                          ("adapter_cache_capacity", "Most adapters kept loaded (--max-loaded-adapters)"),
-                          ("running_requests", "Requests generating now (rows in the batch)"),
-                          ("queued_requests", "Requests waiting for a batch slot or an adapter slot"),
-                          ("engine_ready", "1 when the model is loaded and the worker runs")):
-            yield GaugeMetricFamily(f"peftkit_{name}", doc, value=snap[name])
         sizes = snap["batch_sizes"]
         buckets = [(str(bound), sum(n for size, n in sizes.items() if size <= bound)) for bound in BATCH_BUCKETS]
         buckets.append(("+Inf", sum(sizes.values())))

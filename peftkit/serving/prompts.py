@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from peftkit.data import build_prompt_ids
 from peftkit.serving.errors import InvalidRequestError
 
-from peftkit.data import build_prompt_ids, stop_token_ids
-
-__all__ = ["chat_prompt_ids", "completion_prompt_ids", "stop_token_ids"]
+__all__ = ["chat_prompt_ids", "completion_prompt_ids"]
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], system_prompt: str | None,

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from peftkit.serving.errors import ServingError
+from peftkit.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,15 @@ def start_background(app, host: str = "127.0.0.1", port: int = 0, timeout: float
     return BackgroundServer(server, thread, f"http://{bound[0]}:{bound[1]}")
 
 
-def serve(base: str, *, registry: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          allow_no_auth: bool = False, dtype: str = "auto", served_name: str | None = None, max_loaded_adapters: int = 8,
-          max_batch_size: int = 16, mix_adapters: bool = True, max_concurrent: int = 64,
-          max_body_bytes: int = 1 << 20, threads: int | None = None) -> None:
+def serve(settings: ServeSettings) -> None:
     """Serve the base model and the registry's adapters over HTTP until interrupted (the model loads in the background)."""
-    from peftkit.serving.app import ServerSettings, create_app
+    from peftkit.serving.app import create_app
     from peftkit.serving.engine import Engine
 
-    check_exposure(host, api_key, allow_no_auth)
-    engine = Engine(base, registry=registry, dtype=dtype, max_loaded_adapters=max_loaded_adapters,
-                    max_batch_size=max_batch_size, served_name=served_name, mix_adapters=mix_adapters, threads=threads)
-    settings = ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes, max_concurrent=max_concurrent)
+    check_exposure(settings.host, settings.api_key, settings.insecure_no_auth)
+    engine = Engine(settings)
     engine.start(wait=False)  # /health answers at once; /ready turns 200 when the model is loaded
     try:
-        run_server(create_app(engine, settings), host, port)
+        run_server(create_app(engine, settings), settings.host, settings.port)
     finally:
         engine.stop()

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftkit.methods.catalog import CATALOG, method_names
 from peftkit.serving.errors import ServingError
+from peftkit.serving.settings import default_served_name
 
 VLLM_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-LORA_METHODS = ("lora", "qlora")
+LORA_METHODS = method_names(vllm=True)  # the methods vLLM serves (as LoRA adapters)
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
 
 
@@ -100,8 +102,10 @@ def build_vllm_launch(registry, base_model: str, served_name: str, *, base_finge
 
 
 def _entry_problems(registry, entry, cap: int, base_fingerprint: str | None) -> list[str]:
-    if (entry.method or "").lower() not in LORA_METHODS + ("dora",):
-        return [f"method {entry.method!r}: vLLM serves LoRA adapters only"]
+    method = CATALOG.get((entry.method or "").lower())
+    # Every method saved as a peft LORA adapter gets the detailed check, so DoRA is told why vLLM refuses it.
+    if method is None or "LORA" not in method.peft_types:
+        return [f"method {entry.method!r}: vLLM serves LoRA adapters only ({', '.join(LORA_METHODS)})"]
     if base_fingerprint and entry.base_fingerprint and entry.base_fingerprint != base_fingerprint:
         return [f"trained on another base ({entry.base_model}) than the one launched"]
     if entry.rank and entry.rank > cap:
@@ -128,7 +132,5 @@ def plan_for_registry(base: str, registry_path: str | None = None, *, served_nam
         launch, fingerprint = str(Path(model_dir).resolve()), base_fingerprint(model_dir)
     else:
         launch, fingerprint = base, None  # a hub id: vLLM downloads it itself
-    from peftkit.serving.engine import default_served_name
-
     name = served_name or default_served_name(base)
     return build_vllm_launch(Registry(registry_path), launch, name, base_fingerprint=fingerprint, **kwargs)

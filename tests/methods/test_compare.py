@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from peftkit import compare as cmp
-from peftkit.cli import compare_cmds
+from peftkit import cli
 from peftkit.config import load_config
 from peftkit.methods import MethodError
 
@@ -45,7 +45,7 @@ def test_table_chart_and_8b_figures_are_written(monkeypatch, tmp_path, tiny_over
     out = tmp_path / "cmp"
     argv = [str(CONFIG), "--methods", "lora,prompt,full", "--out", str(out), "--lr", "full=2e-5",
             "--set", "train.max_steps=30", "--set", "train.batch_size=8"]
-    assert compare_cmds.main(argv) == 1  # one method failed
+    assert cli.main(["compare", *argv]) == 1  # one method failed
     table = (out / "methods.md").read_text()
     assert f"peftkit compare {CONFIG} --methods lora,prompt,full" in table
     assert "30 optimizer steps of batch 8" in table
@@ -78,7 +78,7 @@ def test_bad_method_or_config_fails_before_any_training(monkeypatch, tmp_path):
 
 
 def test_bad_lr_option_says_how_to_write_it(tmp_path):
-    assert compare_cmds.main([str(CONFIG), "--lr", "full:2e-5", "--out", str(tmp_path)]) == 2
+    assert cli.main(["compare", str(CONFIG), "--lr", "full:2e-5", "--out", str(tmp_path)]) == 2
 
 
 def test_one_real_method_trains_in_its_own_process(tiny_overrides, tmp_path):

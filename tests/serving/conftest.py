@@ -48,7 +48,8 @@ def registry_dir(adapter_dirs, tiny_model_dir, tmp_path_factory) -> Path:
 def engine(tiny_model_dir, registry_dir):
     """Return a started Engine on the tiny model and the test registry (fp32, for exact comparisons)."""
     from peftkit.serving.engine import Engine
+    from peftkit.serving.settings import ServeSettings
 
-    eng = Engine(str(tiny_model_dir), registry=str(registry_dir), dtype="fp32", max_loaded_adapters=8).start()
+    eng = Engine(ServeSettings(str(tiny_model_dir), registry=str(registry_dir), dtype="fp32", max_loaded_adapters=8)).start()
     yield eng
     eng.stop()

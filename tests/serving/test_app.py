@@ -8,8 +8,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from peftkit.serving.app import ServerSettings, create_app
+from peftkit.serving.app import create_app
 from peftkit.serving.server import start_background
+from peftkit.serving.settings import ServeSettings
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -19,7 +20,7 @@ USER = [{"role": "user", "content": "What colour is item 3?"}]
 @pytest.fixture(scope="module")
 def server(engine):
     """Return the base URL of a live server over the shared engine (small limits, two adapter labels)."""
-    settings = ServerSettings(api_key=KEY, max_body_bytes=20_000, max_concurrent=4, retry_after_s=3, max_adapter_labels=2)
+    settings = ServeSettings(api_key=KEY, max_body_bytes=20_000, max_concurrent=4, retry_after_s=3, max_adapter_labels=2)
     running = start_background(create_app(engine, settings))
     yield running.url
     running.stop()
@@ -168,7 +169,7 @@ def test_ready_is_503_until_the_engine_runs(tiny_model_dir, registry_dir):
 
     from peftkit.serving.engine import Engine
 
-    idle = Engine(str(tiny_model_dir), registry=str(registry_dir))  # never started
+    idle = Engine(ServeSettings(str(tiny_model_dir), registry=str(registry_dir)))  # never started
     with TestClient(create_app(idle)) as http:
         assert http.get("/health").status_code == 200
         response = http.get("/ready")

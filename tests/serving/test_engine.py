@@ -8,6 +8,7 @@ from serving_helpers import chat
 
 from peftkit.serving.engine import Engine, GenerationRequest
 from peftkit.serving.errors import ContextLengthError, UnknownModelError, UnsupportedAdapterError
+from peftkit.serving.settings import ServeSettings
 
 # Prompts of different lengths, so rows really are left-padded against each other.
 MIX = [("lora0", "Hi"), ("lora2", "What colour is item 3? Please answer in one short sentence."),
@@ -71,20 +72,20 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(engine):
 
 
 def test_adapter_cache_is_lru_keyed_by_content(tiny_model_dir, registry_dir):
-    eng = Engine(str(tiny_model_dir), registry=str(registry_dir), dtype="fp32", max_loaded_adapters=2).start()
+    eng = Engine(ServeSettings(str(tiny_model_dir), registry=str(registry_dir), dtype="fp32", max_loaded_adapters=2)).start()
     try:
         for model in ("lora1", "lora2", "lora1", "lora3", "lora0@2"):  # lora0@2 holds lora1's files
             eng.generate(chat(model, max_tokens=2))
         snap = eng.snapshot()
         assert (snap["adapter_cache_misses"], snap["adapter_cache_hits"], snap["adapter_cache_evictions"]) == (3, 2, 1)
         assert snap["adapters_loaded"] == 2
-        assert set(eng.peft.peft_config) == set(eng.cache.loaded())
+        assert set(eng.adapters.peft.peft_config) == set(eng.adapters.cache.loaded())
     finally:
         eng.stop()
 
 
 def test_adapter_of_a_request_in_flight_is_never_evicted(tiny_model_dir, registry_dir):
-    eng = Engine(str(tiny_model_dir), registry=str(registry_dir), dtype="fp32", max_loaded_adapters=1).start()
+    eng = Engine(ServeSettings(str(tiny_model_dir), registry=str(registry_dir), dtype="fp32", max_loaded_adapters=1)).start()
     try:
         long = chat("lora7", "Tell me a long story.", max_tokens=20)
         expected = [alone(eng, long), alone(eng, chat("lora8"))]
@@ -134,11 +135,11 @@ def test_adapter_for_another_base_is_refused(tmp_path, adapter_dirs, engine):
     from peftkit.registry import Registry
 
     other = tmp_path / "other-base"
-    model = LlamaForCausalLM.from_pretrained(engine.base)
+    model = LlamaForCausalLM.from_pretrained(engine.settings.base)
     with torch.no_grad():
         model.lm_head.weight.mul_(2)  # same shapes, other weights: another fingerprint
     model.save_pretrained(other)
-    registry = Registry(engine.registry_path)
+    registry = Registry(engine.settings.registry)
     registry.add(adapter_dirs["lora8"], name="elsewhere", base_model_dir=other)
     with pytest.raises(UnsupportedAdapterError, match="trained on base"):
         engine.submit(chat("elsewhere"))
@@ -190,7 +191,7 @@ def test_prompts_and_stops_follow_the_adapters_training_settings(engine, adapter
     shutil.copytree(adapter_dirs["lora5"], folder)
     data = {"system_prompt": "You are Fernhill Support.", "chat_template": TEMPLATE}
     (folder / "peftkit.json").write_text(json.dumps({"method": "lora", "config": {"data": data}}))
-    Registry(engine.registry_path).add(folder, name="templated", base_model_dir=engine.base)
+    Registry(engine.settings.registry).add(folder, name="templated", base_model_dir=engine.settings.base)
     messages = [{"role": "user", "content": "Where is my order?"}]
     handle = engine.submit(GenerationRequest(model="templated", messages=messages, max_tokens=2, temperature=0))
     expected = build_prompt_ids(tokenizer, messages, system_prompt=data["system_prompt"], chat_template=TEMPLATE)
@@ -198,11 +199,3 @@ def test_prompts_and_stops_follow_the_adapters_training_settings(engine, adapter
     assert handle.profile.stop_ids == frozenset(stop_token_ids(tokenizer, chat_template=TEMPLATE))
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in handle.profile.stop_ids
     handle.result(60)
-
-
-def test_served_methods_are_the_methods_peftkit_trains():
-    from peftkit.methods import METHODS
-    from peftkit.serving.adapters import SERVED_METHODS
-
-    # A literal list keeps the resolver light to import; this keeps it from drifting from the trainers.
-    assert sorted(SERVED_METHODS) == sorted(METHODS)

@@ -7,6 +7,7 @@ import torch
 from serving_helpers import chat
 
 from peftkit.serving.engine import Engine
+from peftkit.serving.settings import ServeSettings
 
 OTHERS = ["prefix0", "prefix-mlp", "prompt0", "ia3", "bottleneck0", "full0"]
 QUESTION = "What colour is item 3?"
@@ -68,7 +69,7 @@ def test_base_weights_are_untouched_by_adapters_that_change_layers(engine, tiny_
     # IA3 and bottleneck run on a module tree that holds the base's very tensors, not copies of them.
     base_storage = {p.data_ptr() for p in engine.model.parameters()}
     for name in ("ia3", "bottleneck0"):
-        own = engine._models[engine.resolver.resolve(name).key]
+        own = engine.adapters.models[engine.resolver.resolve(name).key]
         weights = [p for n, p in own.named_parameters() if "ia3_" not in n and not n.startswith("layers.")]
         assert len(weights) == len(before) - sum("lora_" in n for n in before)
         assert all(p.data_ptr() in base_storage for p in weights)
@@ -76,13 +77,14 @@ def test_base_weights_are_untouched_by_adapters_that_change_layers(engine, tiny_
 
 def test_every_kind_is_evicted_and_reloaded_within_the_cache(tiny_model_dir, registry_dir, engine):
     expected = {n: engine.generate(chat(n, max_tokens=6), timeout=120).token_ids for n in OTHERS}
-    small = Engine(str(tiny_model_dir), registry=str(registry_dir), dtype="fp32", max_loaded_adapters=2).start()
+    small = Engine(ServeSettings(str(tiny_model_dir), registry=str(registry_dir), dtype="fp32", max_loaded_adapters=2)).start()
     try:
         for name in [*OTHERS, *reversed(OTHERS)]:
             assert small.generate(chat(name, max_tokens=6), timeout=120).token_ids == expected[name]
-            assert len(small.cache.loaded()) <= 2
-            assert len(small._models) + len(small._virtual) == len(small.cache.loaded())
+            assert len(small.adapters.cache.loaded()) <= 2
+            assert len(small.adapters.models) + len(small.adapters.virtual) == len(small.adapters.cache.loaded())
         # Two slots: the turn-around finds the last two loaded; every other request loads and evicts.
-        assert (small.cache.misses, small.cache.hits, small.cache.evictions) == (10, 2, 8)
+        cache = small.adapters.cache
+        assert (cache.misses, cache.hits, cache.evictions) == (10, 2, 8)
     finally:
         small.stop()

@@ -87,6 +87,24 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_key(capsys, monkeypat
     assert "without an API key" in capsys.readouterr().err
 
 
+def test_serve_options_are_the_settings_fields_with_their_docs_as_help(capsys, monkeypatch):
+    from peftkit.cli import build_parser
+    from peftkit.cli.serve_cmds import settings_from
+    from peftkit.config import field_docs
+    from peftkit.serving.settings import ServeSettings
+
+    monkeypatch.setenv("PEFTKIT_API_KEY", "from-env")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines: compare without whitespace
+    for name, doc in field_docs(ServeSettings).items():
+        flag = "--no-mix" if name == "mix" else "--" + name.replace("_", "-")
+        assert flag in help_text and "".join(doc.rstrip(".").split()) in help_text, name
+    settings = settings_from(build_parser().parse_args(["serve", "--no-mix", "--max-batch-size", "3", "--dtype", "fp32"]))
+    assert (settings.mix, settings.max_batch_size, settings.dtype, settings.api_key) == (False, 3, "fp32", "from-env")
+    assert "from-env" not in repr(settings)
+
+
 def test_text_stream_holds_back_stop_prefixes_and_cuts_at_the_stop(tokenizer):
     stream = TextStream(tokenizer, stops=["END", "\n\n"])
     pieces, stopped = [], False

@@ -1,0 +1,165 @@
+"""What a training run records: its metrics, its lineage, the adapter's model card and the loss plot."""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import resource
+from pathlib import Path
+
+import torch
+
+from peftkit import __version__
+from peftkit.atomic import atomic_path
+from peftkit.config import RunConfig, config_to_dict
+from peftkit.prompting import Prompting
+
+
+def run_metrics(cfg: RunConfig, trainer, model, evaluation: dict, *, wall: float, start_from: Path | None,
+                data_stats: dict) -> dict:
+    """Return metrics.json's content: losses, speed, size, memory and the data's statistics."""
+    from peftkit.checkpoints import checkpoint_step
+    from peftkit.models import resolve_dtype
+
+    history = trainer.state.log_history
+    eval_loss = evaluation.get("eval_loss")
+    trainable, total = count_parameters(model)
+    return {
+        "train_loss": last_logged(history, "loss"),
+        "train_loss_first": first_logged(history, "loss"),
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+        "eval_token_accuracy": evaluation.get("eval_token_accuracy"),
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "resumed_from_step": checkpoint_step(start_from) if start_from else None,
+        "tokens_trained": trainer.tokens_seen,
+        "tokens_per_second": trainer.tokens_seen / wall if wall > 0 else None,
+        "wall_time_s": wall,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": 100 * trainable / total,
+        "peak_memory_mb": peak_memory_mb(),
+        "device": str(next(model.parameters()).device),
+        "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "data": data_stats,
+    }
+
+
+def build_lineage(cfg: RunConfig, state: dict, metrics: dict, *, base_config: dict | None, prompting: Prompting) -> dict:
+    """Return the adapter's peftkit.json: where it came from, how it was trained and prompted, what it scored."""
+    return {
+        "peftkit_version": __version__,
+        "method": cfg.method.name,
+        "base_model": cfg.model.name,
+        "base_fingerprint": state["base_fingerprint"],
+        "base_config": base_config,
+        "data_fingerprint": state["data_fingerprint"],
+        "config": config_to_dict(cfg),
+        "prompting": prompting.to_dict(),
+        "metrics": metrics,
+        "parent": cfg.method.init_from,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """Return (trainable, total) parameter counts; 4-bit weights count as their logical size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def peak_memory_mb() -> float:
+    """Return peak memory in MiB: GPU allocations when on a GPU, else the process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def last_logged(history: list[dict], key: str):
+    """Return the last value logged under key, or None."""
+    values = [h[key] for h in history if key in h]
+    return values[-1] if values else None
+
+
+def first_logged(history: list[dict], key: str):
+    """Return the first value logged under key, or None."""
+    values = [h[key] for h in history if key in h]
+    return values[0] if values else None
+
+
+def model_card(cfg: RunConfig, lineage: dict) -> str:
+    """Return the adapter's README.md: base, method, data, config and metrics."""
+    import yaml
+
+    m = lineage["metrics"]
+    fmt = lambda v: "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    rows = [("train loss (first -> last)", f"{fmt(m['train_loss_first'])} -> {fmt(m['train_loss'])}"),
+            ("eval loss", fmt(m["eval_loss"])), ("eval perplexity", fmt(m["eval_perplexity"])),
+            ("eval token accuracy", fmt(m.get("eval_token_accuracy"))),
+            ("steps", fmt(m["steps"])), ("tokens trained", fmt(m["tokens_trained"])),
+            ("tokens per second", fmt(m["tokens_per_second"])), ("wall time (s)", fmt(m["wall_time_s"])),
+            ("trainable parameters", f"{m['trainable_parameters']:,} of {m['total_parameters']:,} ({m['trainable_percent']:.3f}%)"),
+            ("peak memory (MiB)", fmt(m["peak_memory_mb"])), ("device / dtype", f"{m['device']} / {m['dtype']}")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    data = cfg.data.path or ", ".join(str(s.get("path")) for s in cfg.data.sources)
+    return f"""---
+base_model: {cfg.model.name}
+library_name: peft
+tags: [peftkit, {cfg.method.name}]
+---
+# {cfg.name}
+
+A **{cfg.method.name}** adapter for `{cfg.model.name}`, trained with peftkit {lineage['peftkit_version']} on {lineage['created_at']}.
+
+- Base model: `{cfg.model.name}` (fingerprint `{lineage['base_fingerprint']}`)
+- Data: `{data}` (format {cfg.data.format}, fingerprint `{lineage['data_fingerprint']}`)
+- Parent adapter: {lineage['parent'] or 'none'}
+
+## Metrics
+| metric | value |
+|---|---|
+{table}
+
+## Use
+```python
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_DIR), ADAPTER_DIR)
+```
+or `peftkit generate --adapter ADAPTER_DIR --prompt "..."`.
+
+## Config
+```yaml
+{yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip()}
+```
+"""
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Draw train and eval loss against steps into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)

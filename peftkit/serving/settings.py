@@ -1,0 +1,64 @@
+"""What `peftkit serve` is told: one dataclass for the engine, the HTTP app and the command line alike.
+
+Each field is documented by the string literal under it, and that string is the option's help text:
+the CLI (peftkit.cli.serve_cmds) builds one option per field, named like the field (`max_batch_size`
+is `--max-batch-size`; a True flag such as `mix` is turned off with `--no-mix`). No torch here, so
+`peftkit serve --help` and the vLLM launch stay instant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class ServeSettings:
+    """The base model, its adapters' registry, the engine's batching and the HTTP side's address, auth and limits."""
+
+    base: str = "smollm2-135m-instruct"
+    """Base model: alias, local folder or hub id."""
+    registry: str | None = None
+    """Registry folder (default: $PEFTKIT_HOME/registry)."""
+    served_name: str | None = None
+    """Name clients use for the base model (default: the --base value or folder name)."""
+    dtype: str = field(default="auto", metadata={"choices": DTYPES})
+    """Weights and compute dtype: auto picks bf16 only where the hardware runs it fast, else fp32."""
+    device: str | None = None
+    """Device to load the model on, e.g. cuda:1 (default: the GPU when there is one, else the CPU)."""
+    threads: int | None = None
+    """Torch CPU threads (default: torch's choice; fewer helps on a shared CPU)."""
+    max_loaded_adapters: int = 8
+    """Adapters kept loaded at once (LRU)."""
+    max_batch_size: int = 16
+    """Requests generated together per step."""
+    mix: bool = True
+    """Mix the rows of LoRA, prefix and prompt adapters in one batch; --no-mix runs each adapter in its own batch."""
+    host: str = "127.0.0.1"
+    """Address to listen on (127.0.0.1: this machine only; anything else requires an API key)."""
+    port: int = 8000
+    """Port to listen on."""
+    api_key: str | None = field(default=None, repr=False, metadata={"env": "PEFTKIT_API_KEY"})  # kept out of logs
+    """Bearer key required on every route but /health; none serves without authentication (loopback only)."""
+    insecure_no_auth: bool = False
+    """Allow listening beyond loopback without an API key."""
+    max_concurrent: int = 64
+    """Requests admitted at once, running or queued; more get 429 with Retry-After."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body in bytes (1 MiB); larger ones get 413."""
+    retry_after_s: int = 1
+    """Seconds a client refused with 429 is told to wait."""
+    max_adapter_labels: int = 32
+    """Distinct adapter names given their own metrics label; the rest count as "other"."""
+
+    @property
+    def base_name(self) -> str:
+        """Return the name clients use for the base model."""
+        return self.served_name or default_served_name(self.base)
+
+
+def default_served_name(base: str) -> str:
+    """Return the name clients use for the base: a local folder's (or file's) name, else what was given."""
+    path = Path(base).expanduser()
+    return (path.stem if path.is_file() else path.name) if path.exists() else base
