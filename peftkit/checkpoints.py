@@ -23,7 +23,8 @@ RUN_STATE = "run.json"
 # Config fields that may change between an interrupted run and its resume without changing what is trained.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.save_steps", "train.save_total_limit",
                      "train.logging_steps", "train.eval_steps", "train.output_dir", "registry.register",
-                     "registry.path", "registry.tags", "registry.domain", "data.cache_dir")
+                     "registry.path", "registry.tags", "registry.domain", "data.cache_dir", "eval.generate",
+                     "eval.max_new_tokens", "eval.examples")
 
 
 class DiskFullError(PeftkitError):

@@ -141,6 +141,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    generate: bool = False
+    """After training, also answer the eval split with the base and the adapter and score both (exact match, ROUGE-L, chrF, forgetting), as `peftkit eval` does; results go to metrics.json and the model card."""
+    max_new_tokens: int = 128
+    """Longest generated answer in that evaluation."""
+    examples: int = 3
+    """Example answers (reference, base, adapter) kept in the report."""
+
+
+@dataclass
 class RegistryConfig:
     register: bool = True
     """Add the trained adapter to the registry when training ends."""
@@ -160,6 +170,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 

@@ -56,8 +56,8 @@ def resolve_adapter(adapter: str, registry: str | None) -> Path:
     """Return the adapter folder for a path or a registry reference (name, name@3, name:tag)."""
     path = Path(adapter).expanduser()
     if path.is_dir():
-        if (path / "adapter" / "adapter_config.json").is_file():
-            return path / "adapter"  # a run directory
+        if (path / "adapter").is_dir() and not (path / "adapter_config.json").is_file():
+            return path / "adapter"  # a run directory (its adapter, or a full fine-tune's model)
         return path
     from peftkit.registry import Registry
 

@@ -11,6 +11,7 @@ import torch
 from peftkit import __version__
 from peftkit.atomic import atomic_path
 from peftkit.config import RunConfig, config_to_dict
+from peftkit.eval_report import card_section
 from peftkit.prompting import Prompting
 
 
@@ -136,6 +137,7 @@ model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_DIR)
 ```
 or `peftkit generate --adapter ADAPTER_DIR --prompt "..."`.
 
+{card_section(m["evaluation"]) if m.get("evaluation") else ""}
 ## Config
 ```yaml
 {yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip()}

@@ -87,6 +87,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     if not main:
         return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, model=model)
     prompting = build_prompting(tokenizer, cfg.data.system_prompt, cfg.data.chat_template)
+    if cfg.eval.generate and prepared.eval is not None:
+        metrics["evaluation"] = evaluate_trained(cfg, model, tokenizer, prompting)
     lineage = build_lineage(cfg, state, metrics, base_config=base_config_dict(base_dir), prompting=prompting)
     save_adapter(model, tokenizer, adapter_dir, cfg, lineage)
     atomic.write_json(out / "metrics.json", metrics)
@@ -126,6 +128,23 @@ def resume_point(out: Path, checkpoint_dir: Path, state: dict, *, resume: bool, 
 
 
 # ---------------------------------------------------------------- steps
+
+def evaluate_trained(cfg: RunConfig, model, tokenizer, prompting) -> dict:
+    """Return `peftkit eval`'s report for the model just trained, on the run's eval split."""
+    from peftkit.data.prepare import held_out_examples, read_examples
+    from peftkit.evaluate import EvalSettings, build_cases, evaluate_session
+    from peftkit.generate import Session
+    from peftkit.prompting import stop_ids
+
+    d = cfg.data
+    examples = read_examples(d.eval_path, d.format, dict(d.columns))[0] if d.eval_path else held_out_examples(d, cfg.train.seed)
+    session = Session(model.eval(), tokenizer, cfg.model.name, adapter=cfg.name, system_prompt=prompting.system_prompt,
+                      chat_template=prompting.chat_template, stop_ids=stop_ids(tokenizer, prompting))
+    settings = EvalSettings(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.train.batch_size,
+                            examples=cfg.eval.examples)
+    cases = build_cases(tokenizer, examples, prompting, max_seq_length=d.max_seq_length)
+    return evaluate_session(session, cases, data=d.eval_path or "the eval split", settings=settings).to_dict()
+
 
 def build_model(cfg: RunConfig):
     """Return the base model wrapped for training with cfg's method (or continuing from method.init_from)."""

@@ -19,6 +19,8 @@ GROUPS = (
     "peftkit.cli.registry_cmds",
     "peftkit.cli.serve_cmds",
     "peftkit.cli.compare_cmds",
+    "peftkit.cli.eval_cmds",
+    "peftkit.cli.merge_cmds",
 )
 
 

@@ -135,6 +135,11 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
     return out
 
 
+def held_out_examples(cfg: DataConfig, seed: int = 42) -> list[Example]:
+    """Return the examples prepare() holds out for evaluation with these settings and seed (before tokenizing)."""
+    return _read_sources(resolve_sources(cfg), cfg, seed)[2]
+
+
 def read_examples(path: str, fmt: str, columns: dict[str, str]) -> tuple[list[Example], str]:
     """Return a file's rows as checked examples, and the format used (detected from the first row for auto)."""
     rows = read_rows(path)

@@ -67,6 +67,11 @@ def tied_names(model) -> set[str]:
     return tied
 
 
+def is_full_model(model) -> bool:
+    """Return True for a model that build or load made a full fine-tune (its base weights are gone)."""
+    return getattr(getattr(model, "disable_adapter", None), "__func__", None) is _cannot_disable
+
+
 def _mark(model):
     # Per instance: generate(use_adapter=False) and the contract tests call disable_adapter on any
     # method's model; a full fine-tune must say why it has none rather than quietly use its new weights.
