@@ -32,11 +32,14 @@ class MethodRun:
 
     method: str
     settings: str
+    """The settings that size the method, in words (see describe)."""
     learning_rate: float
     run_dir: Path
     metrics: dict | None = None
+    """The run's metrics.json; None until it trained."""
     adapter_bytes: int | None = None
     error: str | None = None
+    """Why the run failed (its exit code and last log lines); None when it trained."""
 
 
 @dataclass

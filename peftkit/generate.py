@@ -17,12 +17,16 @@ class Session:
     """A loaded model ready to answer: the model, its tokenizer and the training-time chat settings."""
 
     model: object
+    """The base with the adapter attached (or a full fine-tune, or the base alone), in eval mode."""
     tokenizer: object
     base_model: str
+    """The base model's name as training recorded it (alias, folder or hub id)."""
     adapter: str | None = None
+    """The adapter folder; None for the base alone."""
     system_prompt: str | None = None
     chat_template: str | None = None
     stop_ids: list[int] = field(default_factory=list)
+    """Token ids that end a reply: the template's end-of-turn token, then EOS."""
 
 
 def load_session(adapter: str | None = None, *, base: str | None = None, dtype: str = "auto",

@@ -43,8 +43,18 @@ def run_metrics(cfg: RunConfig, trainer, model, evaluation: dict, *, wall: float
         "device": str(next(model.parameters()).device),
         "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "dtype_probe": dtype_probe(cfg.model.dtype),
         "data": data_stats,
     }
+
+
+def dtype_probe(dtype: str) -> dict | None:
+    """Return the measured probe behind model.dtype=auto on a CPU (None when the dtype was set or a GPU chose)."""
+    if dtype != "auto" or torch.cuda.is_available():
+        return None
+    from peftkit.hardware import cpu_probe
+
+    return cpu_probe()
 
 
 def build_lineage(cfg: RunConfig, state: dict, metrics: dict, *, base_config: dict | None, prompting: Prompting) -> dict:

@@ -75,11 +75,14 @@ class MergeResult:
     """What merge wrote and how close it came."""
 
     out: Path
+    """The merged model's folder (a plain transformers model)."""
     method: str
     dtype: str
     diff: Diff
+    """The largest logit difference between the merged model and base + adapter."""
     registry_ref: str | None = None
     nf4_gap: Diff | None = None
+    """QLoRA only: how far the NF4 model it was trained on lies from the merged one."""
 
 
 def merge(ref_or_dir: str, out: str | Path, *, registry: str | None = None, base: str | None = None,

@@ -92,25 +92,14 @@ def default_device() -> str:
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
-    """Return the torch dtype for model.dtype; auto picks bf16 only where it runs fast."""
+    """Return the torch dtype for model.dtype; auto picks bf16 only where it was measured to train faster."""
     if dtype != "auto":
         return DTYPES[dtype]
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    from peftkit.hardware import cpu_probe  # measured once per machine: CPU flags do not tell (see hardware.py)
 
-
-def cpu_has_fast_bf16() -> bool:
-    """Return True when the CPU multiplies bf16 in hardware (AMX or AVX512-BF16).
-
-    Without those, PyTorch emulates bf16 matmul and it runs tens of times slower than fp32
-    (measured on an AVX2-only EPYC: 0.001 vs 0.05 TFLOP/s), so auto must not pick it.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return torch.bfloat16 if cpu_probe()["choice"] == "bf16" else torch.float32
 
 
 def set_pad_token(tokenizer) -> None:

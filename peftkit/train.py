@@ -21,6 +21,7 @@ from peftkit.fingerprint import base_fingerprint
 from peftkit.lineage import build_lineage, count_parameters, model_card, plot_losses, run_metrics
 from peftkit.methods.catalog import CATALOG
 from peftkit.models import base_config_dict
+from peftkit.packed_attention import packed_attention
 from peftkit.prompting import LINEAGE_FILE, build_prompting
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     checkpoint_dir = out / "checkpoints"
     main = is_main_process()  # under torchrun/accelerate launch only rank 0 writes the run dir
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic.recover_swap(out / "adapter")
-        ckpts.clean_staging(out)
-        ckpts.clean_staging(checkpoint_dir)
+        open_run_dir(out, checkpoint_dir)
     set_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision)
@@ -71,7 +69,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     stop = ckpts.GracefulStop()
     trainer = build_trainer(cfg, model, tokenizer, prepared, checkpoint_dir, stop)
     started = time.perf_counter()
-    with stop:
+    with stop, packed_attention(model, cfg.data.packing):
         trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
     wall = time.perf_counter() - started
     if stop.requested:
@@ -86,19 +84,32 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     adapter_dir = out / "adapter"
     if not main:
         return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, model=model)
-    prompting = build_prompting(tokenizer, cfg.data.system_prompt, cfg.data.chat_template)
-    if cfg.eval.generate and prepared.eval is not None:
-        metrics["evaluation"] = evaluate_trained(cfg, model, tokenizer, prompting)
-    lineage = build_lineage(cfg, state, metrics, base_config=base_config_dict(base_dir), prompting=prompting)
-    save_adapter(model, tokenizer, adapter_dir, cfg, lineage)
-    atomic.write_json(out / "metrics.json", metrics)
-    plot_losses(trainer.state.log_history, out / "loss.png")
-    ckpts.write_run_state(out, status="finished", step=trainer.state.global_step, **state)
-
+    save_run(cfg, out, model, tokenizer, trainer, metrics, state, base_dir=base_dir, has_eval=prepared.eval is not None)
     ref = None
     if cfg.registry.register if register is None else register:
         ref = register_run(out, cfg)
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, registry_ref=ref, model=model)
+
+
+def open_run_dir(out: Path, checkpoint_dir: Path) -> None:
+    """Create the run dir, finishing or cleaning up what a killed earlier run left half-done."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.recover_swap(out / "adapter")
+    ckpts.clean_staging(out)
+    ckpts.clean_staging(checkpoint_dir)
+
+
+def save_run(cfg: RunConfig, out: Path, model, tokenizer, trainer, metrics: dict, state: dict, *, base_dir: Path,
+             has_eval: bool) -> None:
+    """Write the adapter (lineage, prompting record, model card), metrics.json, loss.png and the finished state."""
+    prompting = build_prompting(tokenizer, cfg.data.system_prompt, cfg.data.chat_template)
+    if cfg.eval.generate and has_eval:
+        metrics["evaluation"] = evaluate_trained(cfg, model, tokenizer, prompting)
+    lineage = build_lineage(cfg, state, metrics, base_config=base_config_dict(base_dir), prompting=prompting)
+    save_adapter(model, tokenizer, out / "adapter", cfg, lineage)
+    atomic.write_json(out / "metrics.json", metrics)
+    plot_losses(trainer.state.log_history, out / "loss.png")
+    ckpts.write_run_state(out, status="finished", step=trainer.state.global_step, **state)
 
 
 def is_main_process() -> bool:

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 
 from peftkit.atomic import fsync_dir, fsync_tree, is_disk_full
 from peftkit.checkpoints import MARKER, DiskFullError, complete_checkpoints
+from peftkit.chunked_loss import linear_cross_entropy
 
 
 class SafeTrainer(Trainer):
@@ -39,8 +40,11 @@ class SafeTrainer(Trainer):
         hidden = lm.model(**inputs).last_hidden_state
         targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t+1
         keep = targets != -100
-        logits = lm.lm_head(hidden[keep]).float()
-        loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        head = lm.lm_head
+        if type(head) is torch.nn.Linear and head.bias is None:  # a plain head: project and score chunk by chunk
+            loss = linear_cross_entropy(hidden[keep].to(head.weight.dtype), head.weight, targets[keep])
+        else:
+            loss = torch.nn.functional.cross_entropy(head(hidden[keep]).float(), targets[keep], reduction="sum")
         if num_items_in_batch is None:
             return loss / keep.sum().clamp(min=1)
         # Same scaling as the stock path: num_items_in_batch counts tokens across devices and accumulation steps.

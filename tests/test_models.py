@@ -43,9 +43,11 @@ def test_hub_id_fails_fast_with_local_copy_advice():
 def test_dtype_policy(monkeypatch):
     assert resolve_dtype("fp32") is torch.float32 and resolve_dtype("bf16") is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    from peftkit import hardware
+
+    monkeypatch.setattr(hardware, "cpu_probe", lambda: {"choice": "bf16"})
     assert resolve_dtype("auto") is torch.bfloat16
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_probe", lambda: {"choice": "fp32"})
     assert resolve_dtype("auto") is torch.float32
 
 

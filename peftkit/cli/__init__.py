@@ -21,6 +21,7 @@ GROUPS = (
     "peftkit.cli.compare_cmds",
     "peftkit.cli.eval_cmds",
     "peftkit.cli.merge_cmds",
+    "peftkit.cli.bench_cmds",
 )
 
 

@@ -64,10 +64,14 @@ def wrap(model, peft_config, targets):
     """Return get_peft_model(model, peft_config), with peft's unknown-module error in our words."""
     from peft import get_peft_model
 
+    from peftkit.methods.dropout import use_byte_dropout
+
     try:
-        return get_peft_model(model, peft_config)
+        wrapped = get_peft_model(model, peft_config)
     except ValueError as exc:
         if "not found in the base model" not in str(exc) and "Target modules" not in str(exc):
             raise
         raise MethodError(f"method.target_modules={targets!r}: {exc}. Llama layers are named "
                           f"{', '.join(ALL_LINEAR)}; or use a preset: attention, all-linear") from None
+    use_byte_dropout(wrapped)
+    return wrapped
