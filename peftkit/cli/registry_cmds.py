@@ -18,9 +18,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = group.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--registry", metavar="DIR", help=HOME_HELP)
+    common.add_argument("--allow-network-fs", action="store_true",
+                        help="use a registry on NFS/SMB/sshfs/9p anyway (SQLite's WAL can corrupt it there if several "
+                             "machines use it; same as PEFTKIT_REGISTRY_ALLOW_NETWORK_FS=1)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of text")
+    # In this order in `peftkit registry --help`.
+    _build_add(sub, common, as_json)
+    _build_lookups(sub, common, as_json)
+    _build_storage(sub, common, as_json)
 
+
+def _build_add(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    """Add the `add` action: register a folder as a new version."""
     p = sub.add_parser("add", parents=[common, as_json], help="register an adapter folder or a training run folder as a new version")
     p.add_argument("dir", metavar="DIR", help="adapter folder (adapter_config.json + adapter_model.safetensors) or run folder (adapter/, config.yaml)")
     p.add_argument("--name", required=True, help="registry name: letters, digits, '.', '_', '-'")
@@ -31,8 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base-config", metavar="FILE", help="the base model's config.json, for shape checks when peftkit.json is absent")
     p.add_argument("--allow-base-mismatch", action="store_true", help="register even if earlier versions of NAME used another base")
     p.add_argument("--max-rank", type=int, metavar="N", help="highest LoRA rank accepted (default 256)")
+    p.add_argument("--include-extra-files", action="store_true",
+                   help="also store files an adapter does not need (notes, logs); by default only adapter, tokenizer, "
+                        "README.md and peftkit.json files are stored and the rest is listed")
     p.set_defaults(func=_add)
 
+
+def _build_lookups(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    """Add the actions that read or relabel catalog entries: list, show, tag, remove."""
     p = sub.add_parser("list", parents=[common, as_json], help="list registered adapters")
     p.add_argument("--domain", metavar="D", help="only this domain")
     p.add_argument("--base", metavar="B", help="only this base model (its name as trained, or its sha256 fingerprint or a prefix)")
@@ -53,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="remove every version of NAME")
     p.set_defaults(func=_remove)
 
+
+def _build_storage(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    """Add the actions on stored files: verify, export, import, gc, checkout."""
     p = sub.add_parser("verify", parents=[common, as_json], help="re-hash stored files and report any that are missing or corrupt (exit 1)")
     p.add_argument("ref", metavar="REF", nargs="?")
     p.set_defaults(func=_verify)
@@ -80,16 +99,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _open(args: argparse.Namespace, **kwargs):
     from peftkit.registry import Registry
-    return Registry(args.registry, **kwargs)
+    return Registry(args.registry, allow_network_fs=args.allow_network_fs, **kwargs)
 
 
 def _add(args: argparse.Namespace) -> int:
     from peftkit.registry import DEFAULT_MAX_RANK
     reg = _open(args, max_rank=args.max_rank or DEFAULT_MAX_RANK)
     entry = reg.add(args.dir, args.name, tags=args.tag, domain=args.domain, allow_base_mismatch=args.allow_base_mismatch,
-                    parent=args.parent, base_config=args.base_config, base_model_dir=args.base_model)
+                    parent=args.parent, base_config=args.base_config, base_model_dir=args.base_model,
+                    include_extra=args.include_extra_files)
     if args.json:
         return _print_json(entry.to_dict())
+    if entry.left_out:
+        shown = ", ".join(entry.left_out[:5]) + (f" and {len(entry.left_out) - 5} more" if len(entry.left_out) > 5 else "")
+        print(f"note: not stored, as an adapter does not need them: {shown}; pass --include-extra-files to store them",
+              file=sys.stderr)
     if not entry.new:
         print(f"already registered as {entry.ref} (same name and files); nothing added" + (f"; tags now {', '.join(entry.tags)}" if entry.tags else ""))
         return 0
@@ -131,7 +155,7 @@ def _show(args: argparse.Namespace) -> int:
     if e.metrics:
         print("metrics:")
         for key, value in sorted(e.metrics.items()):
-            print(f"  {key}: {value}")
+            print(f"  {key}: {_evaluation_summary(value) if key == 'evaluation' else value}")
     print("files:")
     for f in e.files:
         print(f"  {f.sha256[:12]}  {human_size(f.size):>9}  {f.path}")
@@ -211,3 +235,17 @@ def human_size(n: int) -> str:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def _evaluation_summary(report: dict) -> str:
+    """Return a stored `peftkit eval` report in one line: base -> adapter for the headline figures."""
+    scores, parts = report.get("scores") or {}, []
+    for key, label in (("loss", "answer loss"), ("token_accuracy", "token accuracy"), ("rouge_l", "ROUGE-L")):
+        values = [scores.get(side, {}).get(key) for side in ("base", "adapter")]
+        if None not in values:
+            parts.append(f"{label} {values[0]:.3g} -> {values[1]:.3g}")
+    forgetting = (report.get("forgetting") or {}).get("relative_change")
+    if forgetting is not None:
+        parts.append(f"general-text loss {forgetting:+.1%}")
+    return f"{report.get('cases')} examples of {report.get('data')}: " + "; ".join(parts)
+

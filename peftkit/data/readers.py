@@ -76,8 +76,10 @@ def _decode(data: bytes, name: str) -> str:
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise DataError(f"{name}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
                         f"re-save the file as UTF-8 (e.g. `iconv -f latin1 -t UTF-8 {name} > fixed{Path(name).suffix}`)") from None
-    if "\ufeff" in text:
-        line = text.count("\n", 0, text.index("\ufeff")) + 1
+    # A byte-order mark at the start of a later line is a second file glued on; U+FEFF elsewhere is text
+    # (a zero-width no-break space, common in scraped pages) and is left to the JSON or CSV reader.
+    if (glued := text.find("\n\ufeff")) >= 0:
+        line = text.count("\n", 0, glued) + 2
         raise DataError(f"{name}:{line}: a byte-order mark in the middle of the file (were files concatenated?); "
                         "remove it, e.g. `sed -i 's/\\xEF\\xBB\\xBF//g' FILE`")
     return text
@@ -85,16 +87,26 @@ def _decode(data: bytes, name: str) -> str:
 
 def _read_jsonl(text: str, name: str) -> list[Row]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() also splits at U+2028, U+0085 and other characters that
+    # JSON strings may hold unescaped, which would cut a valid row in two and shift every line number.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (often a trailing one) carry no data
         try:
             value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                            "each line must be one complete JSON object") from None
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{name}:{number}: {_json_problem(exc)}; each line must be one complete JSON object") from None
         rows.append(_as_row(value, f"{name}:{number}", "each line must be a JSON object such as {\"messages\": [...]}"))
     return rows
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """Return why json refused a text, in words (json raises three kinds of error for bad input)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if isinstance(exc, RecursionError):
+        return "not readable JSON (nested too deeply: more than about 1000 levels of [ or {)"
+    return f"not readable JSON ({exc})"  # e.g. an integer of more than 4300 digits
 
 
 def _read_json_array(text: str, name: str) -> list[Row]:
@@ -109,9 +121,9 @@ def _read_json_array(text: str, name: str) -> list[Row]:
             return rows
         try:
             value, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                            "the file must be one JSON list of objects") from None
+        except (ValueError, RecursionError) as exc:
+            at = exc.lineno if isinstance(exc, json.JSONDecodeError) else line
+            raise DataError(f"{name}:{at}: {_json_problem(exc)}; the file must be one JSON list of objects") from None
         rows.append(_as_row(value, f"{name}:{line}", "each list item must be a JSON object such as {\"messages\": [...]}"))
         line += text.count("\n", start, end)
         pos = _skip_space(text, end)
@@ -131,6 +143,9 @@ def _skip_space(text: str, pos: int) -> int:
 
 
 def _read_csv(text: str, name: str, delimiter: str) -> list[Row]:
+    # The csv module refuses cells over 128 KiB by default; the whole file is in memory already, so a
+    # long document in one cell is no risk. The limit is process-wide and only ever raised here.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows, line = [], 1
     try:

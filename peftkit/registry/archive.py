@@ -10,17 +10,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
 
+from peftkit.atomic import atomic_path
 from peftkit.registry.catalog import Entry
 from peftkit.registry.errors import ArchiveError, InvalidNameError
 from peftkit.registry.names import check_name, check_relpath
-from peftkit.registry.validate import refuse_pickles, validate_files
+from peftkit.registry.validate import check_method, check_types, refuse_pickles, validate_files
 
 if TYPE_CHECKING:
     from peftkit.registry import Registry
@@ -32,6 +32,9 @@ MAX_MANIFEST = 64 * 1024 * 1024
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 ENTRY_KEYS = ("method", "peft_type", "rank", "base_model", "base_fingerprint", "data_fingerprint", "domain",
               "parent", "created_at", "registered_at", "metrics", "config", "base_config", "lineage")
+# The manifest's facts that go into the catalog as they are (peft_type and rank come from the headers instead).
+ENTRY_TYPES = {"method": str, "base_model": str, "base_fingerprint": str, "data_fingerprint": str,
+               "parent": str, "created_at": str, "metrics": dict, "config": dict, "base_config": dict, "lineage": dict}
 
 
 class _HashingReader:
@@ -52,9 +55,8 @@ def export_entry(reg: "Registry", entry: Entry, file: Path) -> Path:
                 "entry": {k: getattr(entry, k) for k in ENTRY_KEYS},
                 "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in entry.files]}
     mode = "w:gz" if file.name.endswith((".gz", ".tgz")) else "w"
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
-        with tarfile.open(tmp, mode, format=tarfile.PAX_FORMAT) as tf:
+        with atomic_path(file) as tmp, tarfile.open(tmp, mode, format=tarfile.PAX_FORMAT) as tf:
             _add_bytes(tf, MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
             for f in entry.files:
                 with open(reg.store.blob_path(f.sha256), "rb") as raw:
@@ -62,13 +64,8 @@ def export_entry(reg: "Registry", entry: Entry, file: Path) -> Path:
                     tf.addfile(_info(FILES + f.path, f.size), reader)
                 if reader.sha.hexdigest() != f.sha256:
                     raise ArchiveError(f"{entry.ref} {f.path} is corrupt in the store; nothing exported; run `peftkit registry verify`")
-        with open(tmp, "rb") as done:
-            os.fsync(done.fileno())
-        os.replace(tmp, file)
     except FileNotFoundError as exc:
         raise ArchiveError(f"cannot export {entry.ref}: {exc.filename} is missing; run `peftkit registry verify`") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return file
 
 
@@ -93,7 +90,11 @@ def import_archive(reg: "Registry", file: Path, allow_base_mismatch: bool, max_r
                     staged[rel[len(FILES):]] = s = reg.store.stage_stream(tf.extractfile(m))
                     _check_hash(file, rel[len(FILES):], s, listed[rel[len(FILES):]])
             entry = manifest.get("entry") or {}
+            if not isinstance(entry, dict):
+                raise ArchiveError(f"{file}: {MANIFEST} entry must be a JSON object; the archive is damaged, export it again")
+            check_types(entry, ENTRY_TYPES, f"{file}: {MANIFEST} entry", "the archive is damaged; export it again")
             info = validate_files({rel: s.tmp for rel, s in staged.items()}, entry.get("base_config"), max_rank)
+            check_method(entry.get("method"), info, f"{file}: {MANIFEST} entry")
             meta = _metadata(entry, info, manifest)
             return reg._register(name, staged, meta, tags, allow_base_mismatch, entry.get("parent"),
                                  parent_required=False, move_tags=False)  # never take a tag from another version

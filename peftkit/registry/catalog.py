@@ -104,6 +104,8 @@ class Entry:
     files: list[FileRecord] = field(default_factory=list)
     new: bool = True
     """False when add/import found these exact files already registered under this name."""
+    left_out: list[str] = field(default_factory=list)
+    """Files of the added folder that were not stored (not adapter files; add include_extra=True to store them)."""
     id: int = field(default=0, repr=False)
 
     @property
@@ -145,10 +147,12 @@ class Catalog:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
+            self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # SQLite may already have rolled back by itself (a full disk at COMMIT does that).
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
 
     def close(self) -> None:
         """Close the connection."""
@@ -202,6 +206,10 @@ class Catalog:
         conn.executemany("INSERT INTO files (adapter_id, path, sha256, size) VALUES (?, ?, ?, ?)",
                          [(cur.lastrowid, f.path, f.sha256, f.size) for f in files])
         return cur.lastrowid, version
+
+    def set_metrics(self, conn: sqlite3.Connection, adapter_id: int, metrics: dict[str, Any]) -> None:
+        """Replace a version's metrics (its files and lineage stay as they were); call inside write()."""
+        conn.execute("UPDATE adapters SET metrics = ? WHERE id = ?", (json.dumps(metrics), adapter_id))
 
     def set_tag(self, conn: sqlite3.Connection, name: str, tag: str, adapter_id: int, move: bool = True) -> None:
         """Point name:tag at a version (moving it from another version unless move=False); call inside write()."""

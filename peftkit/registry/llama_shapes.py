@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from peftkit.methods.catalog import CATALOG
 from peftkit.registry.errors import AdapterValidationError
 
 # `base_model.model.` is what peft prefixes; `model.` is the LlamaForCausalLM body.
@@ -22,17 +23,42 @@ PART_RE = re.compile(
     r"^(?:(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|ia3_l)(?:\.[A-Za-z0-9_-]+)??(?:\.weight)?"
     r"|(?:base_layer\.|original_module\.|modules_to_save\.[A-Za-z0-9_-]+\.)?(?P<full>weight|bias))$")
 NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
+# Where the sizes come from, for error messages: the sources in the order `registry add` prefers them.
+BASE_CONFIG = "the base model's config (--base-config FILE, --base-model DIR's config.json, or base_config in peftkit.json)"
+MAX_LAYERS = 10_000  # the deepest Llama-style models have a few hundred
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _peft_types(*methods: str) -> frozenset[str]:
+    """Return the peft_type values the catalog records for these methods."""
+    return frozenset(t for m in methods for t in CATALOG[m].peft_types)
+
+
+# Which shape check fits which adapter; the peft_type strings themselves live in the method catalog.
+SITE_TYPES = _peft_types("lora", "ia3")              # tensors at Llama module sites: lora_A/B, magnitudes, ia3_l
+VIRTUAL_TYPES = _peft_types("prefix", "prompt")      # one prompt_embeddings tensor of virtual tokens
+PROMPT_TYPES = _peft_types("prompt")                 # ... holding soft prompts (a prefix holds keys and values)
+BOTTLENECK_TYPES = _peft_types("bottleneck")         # peftkit's own down/up projections per layer
 
 
 def dims(config: dict[str, Any]) -> dict[str, int]:
     """Return the sizes that fix every Llama tensor shape, read from an HF config.json dict."""
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in config]
+    missing = [k for k in SIZE_KEYS if k not in config]
     if missing:
-        raise AdapterValidationError(f"the base config lacks {', '.join(missing)}; pass the base model's own config.json")
+        raise AdapterValidationError(f"{BASE_CONFIG} lacks {', '.join(missing)}; pass the base model's own config.json")
+    for key in (*SIZE_KEYS, "num_key_value_heads", "head_dim"):
+        value = config.get(key)
+        optional = key not in SIZE_KEYS and value is None  # head_dim and num_key_value_heads may be null
+        if not optional and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise AdapterValidationError(f"{BASE_CONFIG}: {key} must be a whole number above 0, got {value!r}; "
+                                         "pass the base model's own config.json")
+    if config["num_hidden_layers"] > MAX_LAYERS:  # the target check walks every layer: a made-up count must not
+        raise AdapterValidationError(f"{BASE_CONFIG}: num_hidden_layers={config['num_hidden_layers']} is not a real "
+                                     f"model's (at most {MAX_LAYERS}); pass the base model's own config.json")
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     return {"hidden": config["hidden_size"], "inter": config["intermediate_size"], "layers": config["num_hidden_layers"],
-            "q": heads * head_dim, "kv": config.get("num_key_value_heads", heads) * head_dim, "vocab": config["vocab_size"]}
+            "q": heads * head_dim, "kv": (config.get("num_key_value_heads") or heads) * head_dim, "vocab": config["vocab_size"]}
 
 
 def module_io(module: str, d: dict[str, int]) -> tuple[int, int]:
@@ -46,11 +72,11 @@ def module_io(module: str, d: dict[str, int]) -> tuple[int, int]:
 def check_peft(peft_type: str, tensors: dict, adapter_config: dict, base_config: dict | None, max_rank: int) -> tuple[list[str], int | None]:
     """Return (problems, rank) for a PEFT adapter's tensors; without a base config only self-consistency is checked."""
     d = dims(base_config) if base_config is not None else None
-    if peft_type in ("LORA", "IA3", ""):
+    if peft_type in SITE_TYPES:
         return _check_sites(tensors, d, max_rank)
-    if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING"):
+    if peft_type in VIRTUAL_TYPES:
         return _check_prompt(peft_type, tensors, adapter_config, d), None
-    if peft_type == "PEFTKIT_BOTTLENECK" and d is not None:
+    if peft_type in BOTTLENECK_TYPES and d is not None:
         return _check_bottleneck(tensors, d), None
     return [], None  # another peft type: the header itself was checked, the shapes cannot be
 
@@ -142,7 +168,7 @@ def _check_prompt(peft_type: str, tensors: dict, cfg: dict, d: dict | None) -> l
         _shape("prompt_embeddings", emb.shape, (rows, emb.shape[1]), "num_virtual_tokens x num_transformer_submodules rows")]
     if d is None:
         return problems
-    if peft_type == "PROMPT_TUNING":
+    if peft_type in PROMPT_TYPES:
         if emb.shape[1] != d["hidden"]:
             problems.append(_shape("prompt_embeddings", emb.shape, (emb.shape[0], d["hidden"]), f"soft prompts are hidden_size={d['hidden']} wide"))
         return problems

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from peftkit.atomic import fsync_dir
 from peftkit.registry.errors import RegistryError
 
 CHUNK = 1 << 20
@@ -49,7 +50,11 @@ class Store:
 
     def stage_file(self, src: Path) -> Staged:
         """Return a Staged copy of a file, hashed while copying so the hash matches the stored bytes."""
-        with open(src, "rb") as f:
+        try:
+            f = open(src, "rb")
+        except OSError as exc:
+            raise RegistryError(f"{src}: cannot be read ({exc.strerror}); check that it exists and that you may read it") from None
+        with f:
             return self.stage_stream(f)
 
     def stage_stream(self, stream: BinaryIO) -> Staged:
@@ -70,18 +75,32 @@ class Store:
             raise
         return Staged(tmp, digest.hexdigest(), size)
 
-    def commit(self, staged: list[Staged]) -> None:
-        """Rename staged files to their blob paths (replacing any old copy) and make the renames durable."""
-        parents = set()
-        for s in staged:
-            final = self.blob_path(s.sha256)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(s.tmp, 0o444)  # blobs are immutable; checkouts hard-link them
-            # Replacing an existing blob with freshly verified bytes also repairs a corrupted one.
-            os.replace(s.tmp, final)
-            parents.add(final.parent)
-        for parent in parents:
-            fsync_dir(parent)
+    def commit(self, staged: list[Staged]) -> list[Path]:
+        """Return the blob paths that did not exist before, after renaming staged files to their blob paths
+        (replacing any old copy) and making the renames durable; a failure removes the blobs it created."""
+        parents, created = set(), []
+        try:
+            for s in staged:
+                final = self.blob_path(s.sha256)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(s.tmp, 0o444)  # blobs are immutable; checkouts hard-link them
+                if not final.exists():
+                    created.append(final)
+                # Replacing an existing blob with freshly verified bytes also repairs a corrupted one.
+                os.replace(s.tmp, final)
+                parents.add(final.parent)
+            for parent in parents:
+                fsync_dir(parent)
+        except BaseException:
+            self.forget(created)
+            raise
+        return created
+
+    def forget(self, blobs: list[Path]) -> None:
+        """Delete blobs this process just created for a version that was then not registered."""
+        # Only under the catalog's write lock: no other writer can have come to use them meanwhile.
+        for path in blobs:
+            path.unlink(missing_ok=True)
 
     def discard(self, staged: list[Staged]) -> None:
         """Delete staged temp files that were not committed."""
@@ -157,15 +176,6 @@ class Store:
         except OSError:  # another file system, or links not allowed: copy instead
             shutil.copyfile(blob, dest)
             os.chmod(dest, 0o444)
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries to disk so that a rename inside it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:

@@ -12,8 +12,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftkit.methods.catalog import CATALOG, method_of
 from peftkit.registry.errors import AdapterValidationError, PickleRefusedError
-from peftkit.registry.llama_shapes import check_full, check_peft
+from peftkit.registry.llama_shapes import check_full, check_peft, dims
+from peftkit.registry.peft_config import check_against_tensors, check_config, short
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_HEADER = 100 * 1024 * 1024  # the same bound the safetensors library enforces
@@ -55,7 +57,7 @@ def read_header(path: Path, label: str) -> dict[str, Tensor]:
         raw = f.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep, as no tensor header is
         raise AdapterValidationError(f"{label}: the header is not valid JSON; the file is corrupt or not safetensors") from None
     if not isinstance(header, dict):
         raise AdapterValidationError(f"{label}: the header must be a JSON object of tensors")
@@ -65,7 +67,7 @@ def read_header(path: Path, label: str) -> dict[str, Tensor]:
 
 
 def validate_files(files: dict[str, Path], base_config: dict | None, max_rank: int = DEFAULT_MAX_RANK) -> dict:
-    """Return what the headers say ({kind, peft_type, rank, tensors}); raise AdapterValidationError on any misfit."""
+    """Return what the headers say ({kind, method, peft_type, rank, tensors}); raise AdapterValidationError on any misfit."""
     refuse_pickles(list(files), "adapter")
     if "adapter_config.json" in files:
         return _validate_peft(files, base_config, max_rank)
@@ -81,11 +83,35 @@ def load_json(path: Path, label: str) -> dict:
     """Return a JSON object read from a file, or raise AdapterValidationError naming the file."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError covers bad UTF-8 and bad JSON
         raise AdapterValidationError(f"{label}: not valid JSON ({exc}); re-save it") from None
+    except RecursionError:
+        raise AdapterValidationError(f"{label}: not valid JSON (nested too deeply); re-save it") from None
     if not isinstance(value, dict):
         raise AdapterValidationError(f"{label}: must hold a JSON object, got {type(value).__name__}")
     return value
+
+
+def check_types(record: dict, types: dict[str, type], label: str, fix: str) -> None:
+    """Raise AdapterValidationError naming the first field of record whose value is neither None nor of its type."""
+    for key, kind in types.items():
+        value = record.get(key)
+        if value is not None and not isinstance(value, kind):
+            what = {str: "a string", dict: "a JSON object", int: "a whole number"}.get(kind, kind.__name__)
+            raise AdapterValidationError(f"{label}: {key} must be {what}, got {type(value).__name__} {short(value)}; {fix}")
+
+
+def check_method(method: object, info: dict, label: str) -> None:
+    """Raise AdapterValidationError when a recorded method name disagrees with what the adapter's files are."""
+    if method is None or method == info["method"]:
+        return
+    found, named = CATALOG[info["method"]], CATALOG.get(method) if isinstance(method, str) else None
+    if named is None or (named.peft_types, named.serve_kind) != (found.peft_types, found.serve_kind):
+        why = f"adapter_config.json peft_type={info['peft_type']}" if info["peft_type"] else "config.json + model*.safetensors"
+        if info["peft_type"] == "LORA":  # lora and dora differ only here, and the server runs them differently
+            why += f", use_dora={'true' if info['method'] == 'dora' else 'false'}"
+        raise AdapterValidationError(f"{label}: method={short(method)} but the adapter's files are a {info['method']} "
+                                     f"adapter ({why}); set method to {info['method']!r} or remove it")
 
 
 # ---------------------------------------------------------------- internals
@@ -94,11 +120,14 @@ def _validate_peft(files: dict[str, Path], base_config: dict | None, max_rank: i
     adapter_config = load_json(files["adapter_config.json"], "adapter_config.json")
     if "adapter_model.safetensors" not in files:
         raise AdapterValidationError("adapter_config.json is there but adapter_model.safetensors is missing; save the adapter with save_pretrained()")
+    peft_type = check_config(adapter_config)
     tensors = read_header(files["adapter_model.safetensors"], "adapter_model.safetensors")
-    peft_type = str(adapter_config.get("peft_type", "")).upper()
+    method = method_of(adapter_config)
     problems, rank = check_peft(peft_type, tensors, adapter_config, base_config, max_rank)
     _raise_problems("adapter_model.safetensors", problems)
-    return {"kind": "peft", "peft_type": peft_type or None, "rank": rank, "tensors": len(tensors)}
+    layers = dims(base_config)["layers"] if base_config is not None else None
+    _raise_problems("adapter_config.json", check_against_tensors(peft_type, adapter_config, tensors, layers))
+    return {"kind": "peft", "method": method, "peft_type": peft_type, "rank": rank, "tensors": len(tensors)}
 
 
 def _validate_full(files: dict[str, Path], weights: list[str], base_config: dict | None) -> dict:
@@ -113,7 +142,7 @@ def _validate_full(files: dict[str, Path], weights: list[str], base_config: dict
         count += len(tensors)
         problems += [f"{name}: {p}" for p in check_full(tensors, base_config or own)]
     _raise_problems("full fine-tune", problems)
-    return {"kind": "full", "peft_type": None, "rank": None, "tensors": count}
+    return {"kind": "full", "method": method_of(None), "peft_type": None, "rank": None, "tensors": count}
 
 
 def _raise_problems(label: str, problems: list[str]) -> None:

@@ -135,3 +135,17 @@ def test_a_full_fine_tunes_base_is_the_base_model_itself(tiny_overrides, chat_fi
     assert tuned.scores["base"]["loss"] == pytest.approx(alone["loss"], rel=1e-6)
     assert tuned.scores["base"]["tokens"] == alone["tokens"]
     assert abs(tuned.scores["adapter"]["loss"] - tuned.scores["base"]["loss"]) > 1e-3
+
+
+def test_a_registered_adapters_evaluation_goes_into_its_entry(tiny_overrides, chat_file, tmp_path, peftkit_home, capsys):
+    from peftkit.registry import Registry
+
+    cfg = load_config("configs/smollm2-135m/lora.yaml", tiny_overrides + ["registry.register=true", "name=colours"])
+    assert train(cfg).registry_ref == "colours@1"
+    report, _ = run_eval("colours", data=str(chat_file), settings=EvalSettings(generate=False, forgetting=False,
+                                                                             progress=False), out=tmp_path / "e.json")
+    stored = Registry().show("colours").metrics["evaluation"]
+    assert stored["scores"]["adapter"]["loss"] == pytest.approx(report.scores["adapter"]["loss"])
+    assert Registry().show("colours").metrics["eval_loss"] is not None  # the training metrics stay
+    assert main(["registry", "show", "colours"]) == 0
+    assert f"evaluation: {report.cases} examples of {chat_file}: answer loss" in capsys.readouterr().out

@@ -167,4 +167,4 @@ def test_export_refuses_a_corrupt_store_and_leaves_no_file(reg, exported, tmp_pa
     blob.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
     with pytest.raises(ArchiveError, match="corrupt in the store; nothing exported"):
         reg.export("bot@1", tmp_path / "out.tar")
-    assert not (tmp_path / "out.tar").exists() and list(tmp_path.glob(".out.tar*")) == []
+    assert not (tmp_path / "out.tar").exists() and list(tmp_path.glob(".out*")) == []  # no temp file left

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from peftkit.registry import Registry
 
 WORKERS = 8
+PAUSED_ADD = Path(__file__).with_name("paused_add.py")
 
 
 def _add_when_all_ready(registry: str, folder: str, barrier, results) -> None:
@@ -44,9 +45,8 @@ def test_concurrent_adds_from_several_processes_all_get_their_own_version(tmp_pa
 
 
 def _start_paused_add(registry, folder, point, marker) -> subprocess.Popen:
-    env = {**os.environ, "PEFTKIT_REGISTRY_PAUSE": point, "PEFTKIT_REGISTRY_PAUSE_FILE": str(marker)}
-    code = "import sys; from peftkit.registry import Registry; Registry(sys.argv[1]).add(sys.argv[2], 'bot')"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(registry), str(folder)], env=env)
+    # paused_add.py patches the pause into its own process; the registry has no test hook.
+    proc = subprocess.Popen([sys.executable, str(PAUSED_ADD), str(registry), str(folder), point, str(marker)])
     deadline = time.time() + 60
     while not marker.exists():
         if proc.poll() is not None or time.time() > deadline:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -35,6 +37,21 @@ def test_unsafe_names_are_refused_with_the_rule(bad):
 def test_malformed_references_are_refused(bad):
     with pytest.raises(InvalidNameError):
         parse_ref(bad)
+
+
+def test_the_name_error_names_the_key_the_value_and_the_rule():
+    with pytest.raises(InvalidNameError) as info:
+        check_name("my run", "name")
+    assert str(info.value) == ("name 'my run' is not allowed; use 1 to 128 letters, digits, '.', '_' or '-', "
+                               "starting with a letter or digit (no '/', no spaces, no '..')")
+
+
+def test_the_name_rule_imports_without_torch():
+    # The config checks run names with it before any model is loaded.
+    code = ("import sys; from peftkit.registry.names import check_name; check_name('run-1'); "
+            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'peft', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
 
 
 def test_errors_are_peftkit_errors_so_the_cli_prints_one_line():

@@ -126,17 +126,19 @@ def test_a_folder_without_adapter_files_is_refused(reg, tmp_path):
 
 @pytest.mark.parametrize("layout", ["dora", "all-linear", "embeddings"])
 def test_lora_variants_pass(reg, make_adapter, layout):
+    # Each config says what its tensors are: the targets and the rank are checked against them.
     if layout == "dora":
-        tensors = lora_tensors(dora=True)
+        folder = make_adapter(tensors=lora_tensors(dora=True), adapter_config={"use_dora": True}, lineage={"method": "dora"})
     elif layout == "all-linear":
-        tensors = lora_tensors(modules=tuple(IO))
+        folder = make_adapter(tensors=lora_tensors(modules=tuple(IO)), adapter_config={"target_modules": "all-linear"})
     else:
         tensors = {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((4, 49152), np.float32),
                    "base_model.model.model.embed_tokens.lora_embedding_B": np.zeros((64, 4), np.float32),
                    "base_model.model.lm_head.lora_A.weight": np.zeros((4, 64), np.float32),
                    "base_model.model.lm_head.lora_B.weight": np.zeros((49152, 4), np.float32),
                    "base_model.model.lm_head.base_layer.weight": np.zeros((49152, 64), np.float16)}
-    assert reg.add(make_adapter(tensors=tensors), "x").peft_type == "LORA"
+        folder = make_adapter(tensors=tensors, rank=4, adapter_config={"target_modules": ["embed_tokens", "lm_head"]})
+    assert reg.add(folder, "x").peft_type == "LORA"
 
 
 def test_dora_magnitude_must_match_out_features(reg, make_adapter):
@@ -149,18 +151,23 @@ def test_dora_magnitude_must_match_out_features(reg, make_adapter):
 def test_ia3_prompt_and_prefix_shapes(reg, make_adapter):
     ia3 = {"base_model.model.model.layers.0.self_attn.k_proj.ia3_l": np.ones((32, 1), np.float32),
            "base_model.model.model.layers.0.mlp.down_proj.ia3_l": np.ones((1, 128), np.float32)}
-    assert reg.add(make_adapter(tensors=ia3, peft_type="IA3", lineage={"method": "ia3"}), "ia3").peft_type == "IA3"
+    ia3_config = {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"], "layers_to_transform": [0]}
+    assert reg.add(make_adapter(tensors=ia3, peft_type="IA3", lineage={"method": "ia3"}, adapter_config=ia3_config),
+                   "ia3").peft_type == "IA3"
     prompt = {"prompt_embeddings": np.zeros((5, 64), np.float32)}
     cfg = {"num_virtual_tokens": 5, "num_transformer_submodules": 1}
-    assert reg.add(make_adapter(tensors=prompt, peft_type="PROMPT_TUNING", adapter_config=cfg), "prompt").peft_type == "PROMPT_TUNING"
+    as_prompt, as_prefix = {"lineage": {"method": "prompt"}}, {"lineage": {"method": "prefix"}}
+    assert reg.add(make_adapter(tensors=prompt, peft_type="PROMPT_TUNING", adapter_config=cfg, **as_prompt),
+                   "prompt").peft_type == "PROMPT_TUNING"
     prefix = {"prompt_embeddings": np.zeros((5, 2 * 2 * 32), np.float32)}  # 2 layers x (key, value) x kv width 32
-    assert reg.add(make_adapter(tensors=prefix, peft_type="PREFIX_TUNING", adapter_config=cfg), "prefix").peft_type == "PREFIX_TUNING"
+    assert reg.add(make_adapter(tensors=prefix, peft_type="PREFIX_TUNING", adapter_config=cfg, **as_prefix),
+                   "prefix").peft_type == "PREFIX_TUNING"
     wide = {"prompt_embeddings": np.zeros((5, 96), np.float32)}
     with pytest.raises(AdapterValidationError, match=r"prompt_embeddings has shape \[5, 96\], expected \[5, 64\]"):
-        reg.add(make_adapter(tensors=wide, peft_type="PROMPT_TUNING", adapter_config=cfg), "bad")
+        reg.add(make_adapter(tensors=wide, peft_type="PROMPT_TUNING", adapter_config=cfg, **as_prompt), "bad")
     ia3["base_model.model.model.layers.0.self_attn.k_proj.ia3_l"] = np.ones((64, 1), np.float32)
     with pytest.raises(AdapterValidationError, match=r"k_proj.ia3_l has shape \[64, 1\], expected \[32, 1\]"):
-        reg.add(make_adapter(tensors=ia3, peft_type="IA3"), "bad")
+        reg.add(make_adapter(tensors=ia3, peft_type="IA3", adapter_config=ia3_config), "bad")
 
 
 def test_method_comes_from_the_adapter_config_when_no_lineage(reg, make_adapter):
@@ -196,11 +203,10 @@ def test_without_lineage_base_config_option_enables_shape_checks(reg, make_adapt
     assert entry.base_fingerprint is None and entry.base_model == "tiny-llama"
 
 
-def test_symlinked_files_are_stored_as_their_content(reg, make_adapter, tmp_path):
+def test_a_symlink_inside_the_folder_is_stored_as_its_content(reg, make_adapter):
     folder = make_adapter()
-    target = tmp_path / "readme-target.md"
-    target.write_text("# card")
-    os.symlink(target, folder / "README.md")
+    (folder / "card.md").write_text("# card")
+    os.symlink(folder / "card.md", folder / "README.md")
     entry = reg.add(folder, "x")
     assert (reg.checkout(entry.ref) / "README.md").read_text() == "# card"
 
