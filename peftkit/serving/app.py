@@ -22,8 +22,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from peftkit.serving import openai_schema as oai
-from peftkit.serving.errors import (ContextLengthError, EngineUnavailableError, GenerationFailedError, InvalidRequestError,
-                                    OverloadedError, ServingError, UnknownModelError, UnsupportedAdapterError)
+from peftkit.serving.errors import (AdapterUnavailableError, ContextLengthError, EngineUnavailableError,
+                                    GenerationFailedError, InvalidRequestError, MemoryBudgetError, OverloadedError,
+                                    ServingError, UnknownModelError, UnsupportedAdapterError)
 from peftkit.serving.guard import Guard
 from peftkit.serving.metrics import Metrics
 from peftkit.serving.settings import ServeSettings
@@ -33,12 +34,20 @@ ERRORS = (
     (UnknownModelError, 404, "invalid_request_error", "model_not_found"),
     (UnsupportedAdapterError, 400, "invalid_request_error", "model_not_supported"),
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
+    (MemoryBudgetError, 400, "invalid_request_error", "kv_cache_budget_exceeded"),
     (InvalidRequestError, 400, "invalid_request_error", None),
     (OverloadedError, 429, "requests", "rate_limit_exceeded"),
+    (AdapterUnavailableError, 503, "server_error", "adapter_unavailable"),
     (EngineUnavailableError, 503, "server_error", "engine_unavailable"),
     (GenerationFailedError, 500, "server_error", None),
     (ServingError, 400, "invalid_request_error", None),
 )
+
+
+# Engine states /health answers 503 for (while loading it answers 200: the process is fine, the model is on its way).
+UNHEALTHY = {"failed": "the engine is not running: the model failed to load or its generation thread died; see /ready",
+             "stuck": "the engine has made no progress while requests wait; see /ready",
+             "stopped": "the engine has stopped"}
 
 
 def error_fields(exc: ServingError) -> tuple[int, str, str | None]:
@@ -101,12 +110,15 @@ def add_status_routes(app: FastAPI, engine, metrics: Metrics) -> None:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        status, _ = engine.state()
+        if status in UNHEALTHY:  # /health needs no key: it says what is wrong, /ready says the details
+            body = oai.error_body(UNHEALTHY[status], "server_error", None, "engine_unavailable")
+            return JSONResponse({**body, "status": status}, status_code=503)
+        return {"status": "ok" if status == "ready" else status}
 
     @app.get("/ready")
     async def ready():
-        if not engine.ready:
-            return error_response(EngineUnavailableError("the model is not loaded yet, or the engine stopped"))
+        _require_ready(engine)
         return {"status": "ready", "model": engine.served_name}
 
     @app.get("/metrics")
@@ -302,8 +314,9 @@ async def _disconnected(request: Request) -> None:
 
 
 def _require_ready(engine) -> None:
-    if not engine.ready:
-        raise EngineUnavailableError("the model is still loading; poll /ready")
+    status, why = engine.state()
+    if status != "ready":
+        raise EngineUnavailableError(why)
 
 
 def _model_card(m: dict[str, Any], base: str, created: int) -> dict[str, Any]:

@@ -45,6 +45,8 @@ class Row:
     """The engine's bookkeeping for this row (handle, text emitted, ...)."""
     virtual: Any = None
     """A prefix/prompt adapter's VirtualTokens (peftkit.serving.kinds), put in front of the prompt at prefill."""
+    reserve: int = 0
+    """KV-cache positions the row may fill at most: its virtual tokens, prompt and max_tokens (the memory budget's unit)."""
 
 class Lane:
     """Rows sharing one KV cache and one forward per step."""
@@ -123,10 +125,13 @@ class Lane:
             self.rows, self.cache, self.mask = list(rows), cache, mask
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
-            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+        # Build every new tensor before changing the lane: a failure here (out of memory) leaves the lane as it was.
+        stacked = [(torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0),
+                    torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0))
+                   for old, new in zip(self.cache.layers, cache.layers)]
         self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))])
+        for layer, (keys, values) in zip(self.cache.layers, stacked):
+            layer.keys, layer.values = keys, values
         self.rows.extend(rows)
 
 
@@ -135,22 +140,35 @@ def _left_pad(kv: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(kv, (0, 0, width - kv.shape[2], 0))
 
 
-def pick_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int]:
-    """Return each row's next token: argmax at temperature 0, else a sample from its own generator."""
-    chosen = logits.argmax(dim=-1).tolist()
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily: dividing logits by them overflows float32 (1e-40 turns every logit into
+inf, and softmax into NaN), and what they would sample is the argmax anyway."""
+
+
+def pick_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | None]:
+    """Return each row's next token: argmax at temperature 0 (or below GREEDY_BELOW), else a sample from its own
+    generator; None for a row whose logits hold NaN or inf (the model failed on it; its batch-mates are unaffected)."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    chosen: list[int | None] = logits.argmax(dim=-1).tolist()
     for i, row in enumerate(rows):
-        if row.temperature > 0:
+        if not finite[i]:
+            chosen[i] = None
+        elif row.temperature >= GREEDY_BELOW:
             chosen[i] = sample(logits[i], row.temperature, row.top_p, row.generator)
     return chosen
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Return one token drawn from softmax(logits / temperature), restricted to the top_p nucleus."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    """Return one token drawn from softmax(logits / temperature), restricted to the top_p nucleus (logits finite)."""
+    logits = logits.float()
+    # Shift before dividing: (logits - max) / t is at most 0, so it never overflows to inf, whatever t is.
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).
+        # Keep the smallest prefix whose mass reaches top_p, and always the most likely token: a top_p below
+        # float32's smallest number (5e-324) would otherwise compare as 0 and leave nothing to draw from.
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        outside[0] = False
         sorted_probs[outside] = 0.0
         return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -13,6 +13,12 @@ bottleneck and full fine-tune adapters, which change the layers themselves, get 
 peftkit.serving.loaded's; this module schedules.
 A hand-written token loop (rather than `model.generate`) is what lets requests join and leave
 between steps, stop on their own stop tokens and strings, and be cancelled when a client leaves.
+
+One request must never stop generation for the others: whatever fails in a step (a forward, a
+sample from NaN logits, an adapter that does not load) fails the rows of that step and the loop
+goes on. Rows are admitted against a memory budget (peftkit.serving.memory): what can never fit is
+refused before it is queued, what fits later waits. `state()` says whether the worker is alive and
+making progress, for /health and /ready.
 """
 from __future__ import annotations
 
@@ -20,18 +26,21 @@ import collections
 import logging
 import secrets
 import threading
+import time
 from typing import Any, Callable
 
 import torch
 
-from peftkit.methods.catalog import DORA, LORA, VIRTUAL
+from peftkit.methods.catalog import DORA, LORA
 from peftkit.serving.adapters import BASE, Profile, Resolver
-from peftkit.serving.batcher import Lane, Row, pick_tokens
-from peftkit.serving.errors import (ContextLengthError, EngineUnavailableError, GenerationFailedError, InvalidRequestError,
-                                    ServingError)
-from peftkit.serving.loaded import MIXED, LoadedAdapters
+from peftkit.serving.admission import check_lengths, fit_memory
+from peftkit.serving.batcher import Row
+from peftkit.serving.errors import EngineUnavailableError, GenerationFailedError, ServingError
+from peftkit.serving.loaded import LoadedAdapters
+from peftkit.serving.memory import Budget, budget_bytes, kv_bytes_per_token
 from peftkit.serving.prompts import chat_prompt_ids, completion_prompt_ids
 from peftkit.serving.requests import Completion, Event, GenerationRequest, Handle
+from peftkit.serving.scheduler import Scheduler
 from peftkit.serving.settings import ServeSettings
 from peftkit.serving.stream import TextStream
 
@@ -47,13 +56,15 @@ class Engine:
         self.served_name = settings.base_name
         self.adapters = LoadedAdapters(settings.max_loaded_adapters, dtype=settings.dtype, device=settings.device)
         self.context_length = 0
+        self.memory: Budget | None = None
+        """Bytes KV caches and loaded adapters may use (set once the model is loaded)."""
         self.stats = collections.Counter()  # steps, tokens, finished_<reason>
         self.batch_sizes: collections.Counter = collections.Counter()  # rows per forward -> forwards
         self.error: BaseException | None = None
-        self._queue: collections.deque[tuple[Row, Handle, Profile]] = collections.deque()
+        self._failure: str | None = None  # why the worker is gone: the model failed to load, or the thread died
+        self._queue: collections.deque[tuple[Row, Handle, Profile]] = collections.deque()  # submitted, not yet picked up
         self._cond = threading.Condition()
-        self._waiting: list[tuple[Row, Handle, Profile]] = []
-        self._lanes: dict[str, Lane] = {}
+        self._scheduler: Scheduler | None = None  # the worker's rows, waiting and running (once the model is loaded)
         self._ready = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -74,8 +85,25 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """Return True while the model is loaded and the worker is running."""
-        return self._ready.is_set() and self.error is None and not self._stopping and bool(self._thread and self._thread.is_alive())
+        """Return True while the model is loaded and the worker is alive and making progress."""
+        return self.state()[0] == "ready"
+
+    def state(self) -> tuple[str, str]:
+        """Return (status, a sentence for clients): loading, ready, failed (load failed or worker died), stopped or stuck."""
+        if not self._ready.is_set():
+            return "loading", "the model is still loading; poll /ready"
+        if self._failure is not None:
+            return "failed", self._failure
+        if self._stopping:
+            return "stopped", "the engine has stopped"
+        if not self._thread.is_alive():
+            return "failed", "the generation thread has exited; restart the server"
+        idle = time.monotonic() - self._scheduler.progress_at
+        busy = len(self._queue) + len(self._scheduler.waiting) + self._scheduler.running()
+        if busy and idle > self.settings.stall_timeout_s:
+            return "stuck", (f"the engine has made no progress for {idle:.0f} s with {busy} requests waiting or running "
+                             f"(stall_timeout_s={self.settings.stall_timeout_s:g}); restart the server if it stays so")
+        return "ready", "the model is loaded and generating"
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the worker; requests still queued or running end with an error event."""
@@ -105,11 +133,19 @@ class Engine:
         self.adapters.attach(self.model)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.vocab_size = int(self.model.config.vocab_size)
+        element = torch.empty((), dtype=self.model.dtype).element_size()
+        self.memory = Budget(budget_bytes(settings.kv_cache_fraction, settings.kv_cache_mib, self.model.device),
+                             kv_bytes_per_token(self.model.config, element))
+        log.info("memory budget for KV caches and adapters: %.0f MiB (%d bytes per cached token)",
+                 self.memory.total / (1 << 20), self.memory.per_token)
         try:
             fingerprint = base_fingerprint(path)
         except Exception:  # noqa: BLE001 - without a fingerprint, base checks fall back to trusting the registry
             fingerprint = None
-        self.resolver = Resolver(settings.registry, self.served_name, fingerprint, self.tokenizer, self._tok_lock)
+        self.resolver = Resolver(settings.registry, self.served_name, fingerprint, self.tokenizer, self._tok_lock,
+                                 element_size=element)
+        self._scheduler = Scheduler(settings, self.adapters, self.memory, self.resolver, self.model, self.tokenizer.pad_token_id,
+                                    self.stats, self.batch_sizes)
 
     # ------------------------------------------------------------ requests
 
@@ -119,12 +155,15 @@ class Engine:
 
     def submit_batch(self, requests: list[GenerationRequest], on_event: Callable[[Event], None] | None = None) -> list[Handle]:
         """Return Handles for requests queued together, so the worker admits them in the same step."""
-        if not self.ready:
-            raise EngineUnavailableError("the model is still loading" if not self._ready.is_set() else "the engine has stopped")
+        status, why = self.state()
+        if status != "ready":
+            raise EngineUnavailableError(why)
         staged = [self._prepare(r, on_event) for r in requests]
         with self._cond:
-            if self._stopping:  # the worker may already have failed what was queued; nothing would serve these
-                raise EngineUnavailableError("the engine has stopped")
+            if self._stopping or self._failure is not None:  # nothing would serve these
+                raise EngineUnavailableError(self._failure or "the engine has stopped")
+            if not (self._queue or self._scheduler.waiting or self._scheduler.running()):
+                self._scheduler.progress_at = time.monotonic()  # an idle worker is not stuck: its clock starts now
             self._queue.extend(staged)
             self._cond.notify_all()
         return [handle for _, handle, _ in staged]
@@ -150,176 +189,88 @@ class Engine:
 
     def snapshot(self) -> dict[str, Any]:
         """Return the engine's counters and gauges now (safe to call from any thread)."""
-        stats, cache = dict(self.stats), self.adapters.cache
+        stats, cache, memory, scheduler = dict(self.stats), self.adapters.cache, self.memory or Budget(0, 0), self._scheduler
         return {"adapter_cache_hits": cache.hits, "adapter_cache_misses": cache.misses,
                 "adapter_cache_evictions": cache.evictions, "adapters_loaded": len(cache.loaded()),
                 "adapter_cache_capacity": cache.capacity, "generated_tokens": stats.get("tokens", 0),
-                "forward_passes": stats.get("steps", 0), "running_requests": self._running(),
-                "queued_requests": len(self._queue) + len(self._waiting), "engine_ready": int(self.ready),
+                "forward_passes": stats.get("steps", 0), "running_requests": scheduler.running() if scheduler else 0,
+                "queued_requests": len(self._queue) + (len(scheduler.waiting) if scheduler else 0),
+                "engine_ready": int(self.ready), "kv_cache_budget_bytes": memory.total,
+                "kv_cache_reserved_bytes": scheduler.reserved_bytes() if scheduler else 0,
+                "kv_cache_bytes_per_token": memory.per_token, "adapter_weight_bytes": cache.loaded_bytes(),
                 "finished": {k[len("finished_"):]: v for k, v in stats.items() if k.startswith("finished_")},
                 "batch_sizes": dict(self.batch_sizes)}
 
     def _prepare(self, request: GenerationRequest, on_event) -> tuple[Row, Handle, Profile]:
+        request.check()
         profile = self.resolver.resolve(request.model)
-        with self._tok_lock:
-            if request.messages is not None:
-                ids = chat_prompt_ids(self.tokenizer, request.messages, profile.system_prompt, profile.chat_template)
-                field_name = "messages"
-            else:
-                ids = completion_prompt_ids(self.tokenizer, request.prompt if request.prompt is not None else "", self.vocab_size)
-                field_name = "prompt"
-        self.check_lengths(len(ids), request.max_tokens, field_name)
-        max_tokens = request.max_tokens or self.context_length - len(ids)
+        ids, field_name = self._prompt_ids(request, profile)
+        check_lengths(self.context_length, len(ids), request.max_tokens, field_name)
+        adapter_bytes = self.adapters.cache.sizes.get(profile.key, profile.weight_bytes) if profile.key else 0
+        max_tokens = fit_memory(self.memory, self.context_length, len(ids), request.max_tokens, profile.virtual_tokens,
+                                adapter_bytes, profile.ref, field_name)
         generator = None
         if request.temperature > 0:
             generator = torch.Generator().manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
         peft_name = profile.key if profile.kind in (LORA, DORA) else BASE
         row = Row(ids, profile.key or BASE, peft_name, max_tokens, profile.stop_ids, request.temperature, request.top_p,
-                  generator)
+                  generator, reserve=profile.virtual_tokens + len(ids) + max_tokens)
         handle = Handle(profile, len(ids), on_event)
         row.owner = (handle, TextStream(self._decoder, request.stop))
         return row, handle, profile
 
-    def check_lengths(self, prompt_tokens: int, max_tokens: int | None, field_name: str) -> None:
-        """Raise InvalidRequestError when the prompt, or prompt plus max_tokens, does not fit the context."""
-        ctx = self.context_length
-        if prompt_tokens == 0:
-            raise InvalidRequestError(f"the {field_name} is empty", param=field_name)
-        if prompt_tokens >= ctx:
-            raise ContextLengthError(f"This model's maximum context length is {ctx} tokens, but the {field_name} take "
-                                      f"{prompt_tokens} tokens; shorten the {field_name}", param=field_name)
-        if max_tokens is not None and prompt_tokens + max_tokens > ctx:
-            raise ContextLengthError(f"This model's maximum context length is {ctx} tokens. However, you requested "
-                                      f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {field_name}, "
-                                      f"{max_tokens} in the completion); reduce max_tokens to at most "
-                                      f"{ctx - prompt_tokens}", param="max_tokens")
+    def _prompt_ids(self, request: GenerationRequest, profile: Profile) -> tuple[list[int], str]:
+        """Return the prompt's ids and the field they came from; sizes are checked before any rendering."""
+        max_chars = self.settings.max_prompt_chars or 16 * self.context_length
+        if request.messages is not None:
+            ids = chat_prompt_ids(self.tokenizer, self._tok_lock, request.messages, profile.system_prompt,
+                                  profile.chat_template, max_messages=self.settings.max_messages, max_chars=max_chars)
+            return ids, "messages"
+        prompt = request.prompt if request.prompt is not None else ""
+        return completion_prompt_ids(self.tokenizer, self._tok_lock, prompt, self.vocab_size, max_chars), "prompt"
 
     # ------------------------------------------------------------ the worker
 
     def _run(self) -> None:
         try:
             self._load()
-        except BaseException as exc:  # noqa: BLE001 - reported by start() and /ready
-            self.error = exc
+        except BaseException as exc:  # noqa: BLE001 - reported by start(), /health and /ready
+            self.error, self._failure = exc, f"the model failed to load ({type(exc).__name__}: {exc})"
             self._ready.set()
             return
         self._ready.set()
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._queue or self._waiting or self._running() or self._stopping)
-                    if self._stopping:
-                        break
-                    self._waiting.extend(self._queue)
-                    self._queue.clear()
-                self._admit()
-                self._step()
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except BaseException as exc:  # noqa: BLE001 - the loop handles every Exception; say what ended it, fail its rows
+            log.exception("the engine's generation thread died")
+            with self._cond:
+                self.error = exc
+                self._failure = f"the generation thread died ({type(exc).__name__}: {exc}); restart the server"
+            self._fail_all(EngineUnavailableError(self._failure))
+            return
         self._fail_all(EngineUnavailableError("the server is shutting down"))
 
-    def _running(self) -> int:
-        return sum(len(lane.rows) for lane in list(self._lanes.values()))  # list(): other threads call this too
-
-    def _admit(self) -> None:
-        joining: dict[tuple[str, str | None], list[Row]] = {}
-        still_waiting = []
-        for row, handle, profile in self._waiting:
-            if handle.cancelled.is_set():
-                self._finish(row, "cancelled")
-                continue
-            if self._running() + sum(map(len, joining.values())) >= self.settings.max_batch_size:
-                still_waiting.append((row, handle, profile))
-                continue
-            if profile.key is not None:
-                try:
-                    if not self.adapters.cache.acquire(profile):  # every loaded adapter is in use: wait for a slot
-                        still_waiting.append((row, handle, profile))
-                        continue
-                    row.pinned = True
-                except Exception as exc:  # noqa: BLE001 - a broken adapter fails its request, not the server
-                    log.exception("loading adapter %s failed", profile.ref)
-                    self._finish(row, "error", GenerationFailedError(f"adapter {profile.ref} failed to load: {exc}"))
-                    continue
-            if profile.kind == VIRTUAL:
-                row.virtual = self.adapters.virtual[profile.key]
-            lane = MIXED if profile.key is None or (profile.mixable and self.settings.mix) else profile.key
-            # Rows prefilled together share their virtual tokens (or have none).
-            joining.setdefault((lane, profile.key if profile.kind == VIRTUAL else None), []).append(row)
-        self._waiting = still_waiting
-        for (name, _), rows in joining.items():
-            lane = self._lanes.get(name)
-            if lane is None:
-                lane = self._lanes[name] = Lane(self.adapters.forward_for(name), self.tokenizer.pad_token_id, self.model.device,
-                                                embed=self.model.get_input_embeddings())
-            self._run_lane(lane, rows, lambda: lane.add(rows))
-
-    def _step(self) -> None:
-        for name, lane in list(self._lanes.items()):
-            if lane.rows:
-                self._run_lane(lane, list(lane.rows), lambda: lane.step([r.output_ids[-1] for r in lane.rows]))
-            if not lane.rows:
-                del self._lanes[name]
-
-    def _run_lane(self, lane: Lane, fed: list[Row], forward: Callable[[], torch.Tensor]) -> None:
-        """Run one forward for the rows fed (joining rows, or the whole lane) and advance each by a token."""
-        try:
-            logits = forward()
-        except Exception as exc:  # noqa: BLE001 - fail the rows of this forward, keep serving the others
-            log.exception("forward pass failed")
-            for r in fed:
-                self._finish(r, "error", GenerationFailedError(f"generation failed: {type(exc).__name__}: {exc}"))
-            lane.remove(fed)  # a failed prefill never joined; a failed step leaves the lane's cache unusable
-            return
-        self.stats["steps"] += 1
-        self.batch_sizes[len(fed)] += 1
-        finished = []
-        for row, token in zip(fed, pick_tokens(logits, fed)):
-            if self._advance(row, token):
-                finished.append(row)
-        lane.remove(finished)
-
-    def _advance(self, row: Row, token: int) -> bool:
-        """Record one token for a row and emit its text; return True when the row is finished."""
-        handle, text = row.owner
-        row.output_ids.append(token)
-        handle.token_ids.append(token)
-        self.stats["tokens"] += 1
-        if handle.cancelled.is_set():
-            self._finish(row, "cancelled")
-            return True
-        if token in row.stop_ids:
-            self._finish(row, "stop")
-            return True
-        delta, hit_stop = text.push(token)
-        if hit_stop:
-            handle.emit(Event(delta))
-            self._finish(row, "stop")
-            return True
-        if len(row.output_ids) >= row.max_tokens:
-            handle.emit(Event(delta))
-            self._finish(row, "length")
-            return True
-        if delta:
-            handle.emit(Event(delta))
-        return False
-
-    def _finish(self, row: Row, reason: str, error: ServingError | None = None) -> None:
-        handle, text = row.owner
-        if handle.done.is_set():
-            return
-        tail = text.flush() if reason in ("stop", "length") else ""
-        self.stats[f"finished_{reason}"] += 1
-        if row.pinned:
-            row.pinned = False
-            self.adapters.cache.release(row.adapter)
-        handle.emit(Event(tail, reason, len(row.output_ids), error))
+    def _loop(self) -> None:
+        scheduler = self._scheduler
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or scheduler.waiting or scheduler.running() or self._stopping)
+                if self._stopping:
+                    return
+                scheduler.waiting.extend(self._queue)
+                self._queue.clear()
+            try:
+                scheduler.admit()
+                scheduler.step()
+            except Exception as exc:  # noqa: BLE001 - a fault outside the per-row handling: fail the rows in flight
+                log.exception("an engine step failed")
+                scheduler.fail_all(GenerationFailedError(f"generation failed: {type(exc).__name__}: {exc}"))
 
     def _fail_all(self, error: ServingError) -> None:
+        """Fail every request queued, waiting or running."""
         with self._cond:
-            pending = list(self._queue) + self._waiting
+            pending = list(self._queue)
             self._queue.clear()
-        for row, _, _ in pending:
-            self._finish(row, "error", error)
-        for lane in self._lanes.values():
-            for row in lane.rows:
-                self._finish(row, "error", error)
-        self._lanes.clear()
+        if self._scheduler is not None:
+            self._scheduler.fail_all(error, pending)

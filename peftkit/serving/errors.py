@@ -24,12 +24,20 @@ class UnsupportedAdapterError(ServingError):
     """The adapter exists but this server cannot run it (method, base model or shape)."""
 
 
+class AdapterMismatchError(UnsupportedAdapterError):
+    """The adapter's files do not fit its own config or the served base (rank, targets, type or shapes)."""
+
+
+class AdapterUnavailableError(ServingError):
+    """The adapter's files could not be read or loaded just now (removed, changed or broken); other adapters are served."""
+
+
 class OverloadedError(ServingError):
     """The server is at its concurrency limit; retry after a moment."""
 
 
 class EngineUnavailableError(ServingError):
-    """The engine is still loading, or has stopped."""
+    """The engine is still loading, failed to load, has stopped, or its generation thread died or is stuck."""
 
 
 class GenerationFailedError(ServingError):
@@ -38,3 +46,7 @@ class GenerationFailedError(ServingError):
 
 class ContextLengthError(InvalidRequestError):
     """The prompt, or the prompt plus max_tokens, does not fit the model's context."""
+
+
+class MemoryBudgetError(InvalidRequestError):
+    """The request's KV cache (prompt plus max_tokens), with its adapter's weights, can never fit the memory budget."""

@@ -26,7 +26,11 @@ ENGINE_GAUGES = {"adapters_loaded": "Adapters loaded in the model now",
                  "adapter_cache_capacity": "Most adapters kept loaded (--max-loaded-adapters)",
                  "running_requests": "Requests generating now (rows in the batch)",
                  "queued_requests": "Requests waiting for a batch slot or an adapter slot",
-                 "engine_ready": "1 when the model is loaded and the worker runs"}
+                 "engine_ready": "1 when the model is loaded and the worker runs and makes progress",
+                 "kv_cache_budget_bytes": "Memory KV caches and loaded adapters may use (--kv-cache-mib / --kv-cache-fraction)",
+                 "kv_cache_reserved_bytes": "KV-cache memory the running requests can reach (rows x widest row, per batch)",
+                 "kv_cache_bytes_per_token": "KV-cache bytes of one cached token of one request",
+                 "adapter_weight_bytes": "Memory the loaded adapters' weights take (a full fine-tune is a whole model)"}
 
 
 class Metrics:

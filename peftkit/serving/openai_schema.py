@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from peftkit.serving.requests import GenerationRequest
+from peftkit.serving.requests import SEED_MAX, SEED_MIN, GenerationRequest
 from peftkit.serving.errors import InvalidRequestError
 
 MAX_STOPS = 4
@@ -39,7 +39,7 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
@@ -116,9 +116,11 @@ def _text(content: str | list[ContentPart] | None, index: int) -> str:
         return content or ""
     parts = []
     for part in content:
-        if part.type != "text" or part.text is None:
+        if part.type != "text":
             raise InvalidRequestError(f"messages[{index}].content: only text parts are supported, got {part.type!r}",
                                       param=f"messages[{index}].content")
+        if part.text is None:
+            raise InvalidRequestError(f"messages[{index}].content: a text part needs its 'text'", param=f"messages[{index}].content")
         parts.append(part.text)
     return "".join(parts)
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from peftkit.serving.adapters import Profile
-from peftkit.serving.errors import ServingError
+from peftkit.serving.errors import InvalidRequestError, ServingError
+
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -26,6 +28,18 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+
+    def check(self) -> None:
+        """Raise InvalidRequestError for sampling values the engine cannot use (the HTTP schema checks these too)."""
+        if not 0 <= self.temperature <= 2:  # NaN fails every comparison
+            raise InvalidRequestError(f"temperature must be from 0 to 2, got {self.temperature}", param="temperature")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be above 0 and at most 1, got {self.top_p}", param="top_p")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise InvalidRequestError(f"seed must be a 64-bit integer ({SEED_MIN} to {SEED_MAX}), got {self.seed}",
+                                      param="seed")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}", param="max_tokens")
 
 
 @dataclass
@@ -68,15 +82,17 @@ class Handle:
         self.cancelled.set()
 
     def emit(self, event: Event) -> None:
-        """Deliver an event (called by the worker)."""
-        if self._on_event is not None:
-            self._on_event(event)
-        else:
-            with self._ready:
-                self._queue.append(event)
-                self._ready.notify_all()
-        if event.finish_reason:
-            self.done.set()
+        """Deliver an event (called by the worker); the handle is done after its last event, even if a callback raises."""
+        try:
+            if self._on_event is not None:
+                self._on_event(event)
+            else:
+                with self._ready:
+                    self._queue.append(event)
+                    self._ready.notify_all()
+        finally:
+            if event.finish_reason:
+                self.done.set()
 
     def events(self, timeout: float | None = None):
         """Yield events until the last one (only for handles submitted without a callback)."""

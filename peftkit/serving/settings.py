@@ -33,6 +33,17 @@ class ServeSettings:
     """Adapters kept loaded at once (LRU)."""
     max_batch_size: int = 16
     """Requests generated together per step."""
+    max_messages: int = 1024
+    """Most messages in one chat request; more get 400 before the chat template is rendered."""
+    max_prompt_chars: int | None = None
+    """Most characters of prompt text in one request (message contents and system prompt, or a completion prompt); more
+    get 400 before rendering or tokenizing (default: 16 per token of the model's context)."""
+    kv_cache_fraction: float = 0.5
+    """Share of the memory free once the base is loaded (GPU memory, else RAM) that KV caches and loaded adapters may use."""
+    kv_cache_mib: float | None = None
+    """Memory in MiB for KV caches and loaded adapters' weights; overrides --kv-cache-fraction."""
+    stall_timeout_s: float = 120.0
+    """Seconds without progress, while requests wait or run, after which /health and /ready report the engine wedged."""
     mix: bool = True
     """Mix the rows of LoRA, prefix and prompt adapters in one batch; --no-mix runs each adapter in its own batch."""
     host: str = "127.0.0.1"

@@ -44,3 +44,36 @@ def make_method_adapter(base_dir: Path, out: Path, method: str, seed: int, **fie
 
     return random_method_adapter(base_dir, out, method, seed, scale=0.02 if method == "full" else 0.5,
                                  **{"num_virtual_tokens": 5, "reduction_factor": 8, **fields})
+
+
+def make_other_base(tiny_dir: Path, out: Path) -> Path:
+    """Save a 2-layer Llama whose hidden size (32) differs from the tiny base's (64), with the same tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def writable_copy(folder: Path, out: Path) -> Path:
+    """Return a writable copy of a (read-only) registry checkout."""
+    import shutil
+
+    shutil.copytree(folder, out)
+    for path in [out, *out.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out
+
+
+def remove_checkout(folder: Path) -> None:
+    """Delete a read-only registry checkout folder, as `registry remove` does."""
+    import shutil
+
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    shutil.rmtree(folder)

@@ -123,11 +123,6 @@ def test_model_names_resolve_only_through_the_registry(engine, adapter_dirs):
             engine.submit(chat(name))
 
 
-def test_adapters_of_a_peft_type_the_server_does_not_run_are_refused_with_the_reason(engine):
-    with pytest.raises(UnsupportedAdapterError, match="method 'loha' is not one this server runs"):
-        engine.submit(chat("loha"))
-
-
 def test_adapter_for_another_base_is_refused(tmp_path, adapter_dirs, engine):
     import torch
     from transformers import LlamaForCausalLM
