@@ -14,9 +14,6 @@ from peftkit.registry import archive as archive_module
 from peftkit.registry import store as store_module
 from peftkit.registry.catalog import Catalog
 
-ENOSPC = OSError(errno.ENOSPC, "No space left on device")
-
-
 def _full(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
