@@ -88,7 +88,7 @@ def run_probe() -> dict[str, Any]:
     return result
 
 
-def cpu_probe(home: Path | None = None, *, measure: Callable[[], dict] = run_probe) -> dict[str, Any]:
+def cpu_probe(home: Path | None = None, *, measure: Callable[[], dict] | None = None) -> dict[str, Any]:
     """Return this machine's dtype probe, measured once and then read from $PEFTKIT_HOME/probe."""
     from peftkit import atomic
     from peftkit.config import peftkit_home
@@ -100,7 +100,7 @@ def cpu_probe(home: Path | None = None, *, measure: Callable[[], dict] = run_pro
             return {**cached, "cached": True}
     except (OSError, ValueError):
         pass
-    result = measure()
+    result = (measure or run_probe)()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_json(path, result)
