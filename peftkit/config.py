@@ -128,6 +128,8 @@ class TrainConfig:
     """Optimizer name as transformers knows it (adamw_torch, paged_adamw_8bit, adafactor, ...)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, about 30% slower."""
+    compile: bool = False
+    """torch.compile each decoder layer (compiled code cached under $PEFTKIT_HOME/compile-cache); the first steps pay the compile time, reported as compile_time_s in metrics.json (docs/benchmarks.md says when it pays)."""
     save_steps: int = 200
     """Write a checkpoint every this many steps."""
     save_total_limit: int = 2

