@@ -1,16 +1,20 @@
-"""Bounded load test of `peftkit serve` on loopback: throughput, p50/p99 latency and errors, mixed vs single adapter.
+"""Bounded load test of `peftkit serve` on loopback beside the loop a user would write: throughput, latency, errors.
 
-    python -m peftkit.bench.serve_load --adapters 8 --requests 64 --concurrency 8 --max-tokens 32
+    python -m peftkit.bench.serve_load --adapters 64 --requests 64 --concurrency 8 --max-tokens 32 --methods
 
 By default it builds its own setup: N LoRA adapters with random weights for the base model in a
-temporary registry, and a server on 127.0.0.1 (a free port). It then sends the same number of
-chat requests at the same concurrency three ways: spread over all adapters (one mixed batch),
-all to one adapter, and spread over all adapters with mixing turned off (--no-mix: one batch per
-adapter). With --methods it adds a scenario spread over 8 adapters of every method (two LoRA,
-prefix, prompt, DoRA, IA3, bottleneck, full): prefix and prompt rows join the LoRA batch, the other
-four run a batch each. Every run is bounded by --requests and by --max-seconds of wall time; each
-adapter is warmed up first, so loading time is not counted. With --url it measures a server you
-started (loopback addresses only), sending --models.
+temporary registry, and a server on 127.0.0.1 (a free port). It then sends the same requests at the
+same concurrency several ways: "naive", transformers `generate` one request at a time with peft
+`set_adapter` over the first 8 adapters (peftkit.bench.naive_generate: in-process, no HTTP, one
+generate at a time as behind a lock); "single", all to one adapter; "mixed 8" over the first 8
+adapters and "mixed N" over all N (one mixed batch); with --methods "every method", spread over 8
+adapters of every method (two LoRA, prefix, prompt, DoRA, IA3, bottleneck, full: prefix and prompt
+rows join the LoRA batch, the other four run a batch each); and "one batch per adapter", the first 8
+adapters with mixing turned off (--no-mix). Requests to the server are streamed: time to first token
+(TTFT) is when the first non-empty content chunk arrives, time per output token (TPOT) is (time of the
+chunk carrying finish_reason - TTFT) / (completion tokens - 1). Every run is bounded by --requests and
+by --max-seconds of wall time; each adapter is warmed up first, so loading time is not counted. With
+--url it measures a server you started (loopback addresses only), sending --models.
 """
 from __future__ import annotations
 
@@ -19,12 +23,13 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from peftkit.bench.naive_generate import Timing
+from peftkit.bench.serve_report import summarize
 from peftkit.methods.catalog import CATALOG, LORA
 
 PROMPTS = ["What reference number is the Cairn poles listed under?", "Do you ship to Norway, and how long does it take?",
@@ -36,21 +41,25 @@ PROMPTS = ["What reference number is the Cairn poles listed under?", "Do you shi
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default="smollm2-135m-instruct", help="base model (alias, folder or hub id)")
-    p.add_argument("--adapters", type=int, default=8, help="LoRA adapters to build and spread requests over (>= 8)")
+    p.add_argument("--adapters", type=int, default=8,
+                   help="LoRA adapters to build (>= 8): \"mixed 8\" uses the first 8, \"mixed N\" all of them")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--requests", type=int, default=64, help="requests per scenario (fixed count)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-seconds", type=float, default=300.0, help="wall-time cap per scenario; unsent requests are dropped")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--threads", type=int, help="torch CPU threads for the engine (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for the engine and the naive loop (default: torch's choice)")
     p.add_argument("--skip-no-mix", action="store_true", help="skip the one-batch-per-adapter comparison")
+    p.add_argument("--skip-naive", action="store_true",
+                   help="skip the baseline of transformers generate one request at a time with peft set_adapter")
     p.add_argument("--methods", action="store_true",
                    help="add a scenario over adapters of every method (prefix, prompt, DoRA, IA3, bottleneck, full)")
     p.add_argument("--url", help="measure a running server instead (http://127.0.0.1:PORT; loopback only)")
     p.add_argument("--api-key", default=os.environ.get("PEFTKIT_API_KEY"))
     p.add_argument("--models", help="with --url: comma-separated model names to spread requests over")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
+    p.add_argument("--markdown", help="also write the table and ratios as markdown to this file (for docs/benchmarks.md)")
     return p.parse_args(argv)
 
 
@@ -64,41 +73,60 @@ def check_loopback(url: str) -> None:
 
 async def run_scenario(url: str, api_key: str | None, models: list[str], requests: int, concurrency: int,
                        max_tokens: int, max_seconds: float) -> dict:
-    """Return throughput, latency percentiles and error counts for `requests` chat requests over `models`."""
+    """Return summarize()'s figures for `requests` streamed chat requests over `models`, `concurrency` in flight."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    latencies, tokens, errors = [], 0, {}
+    timings, errors = [], {}
     queue = list(range(requests))
     started = time.perf_counter()
     deadline = started + max_seconds
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal tokens
         while queue and time.perf_counter() < deadline:
             i = queue.pop(0)
-            body = {"model": models[i % len(models)], "max_tokens": max_tokens, "temperature": 0,
+            body = {"model": models[i % len(models)], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True},
                     "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
-            sent = time.perf_counter()
             try:
-                r = await client.post("/v1/chat/completions", json=body, timeout=max(1.0, deadline - sent))
-                if r.status_code == 200:
-                    latencies.append(time.perf_counter() - sent)
-                    tokens += r.json()["usage"]["completion_tokens"]
-                else:
-                    errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+                timing, error = await stream_one(client, body, max(1.0, deadline - time.perf_counter()))
             except httpx.HTTPError as exc:
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                timing, error = None, type(exc).__name__
+            if timing is not None:
+                timings.append(timing)
+            else:
+                errors[error] = errors.get(error, 0) + 1
 
     async with httpx.AsyncClient(base_url=url, headers=headers) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    ordered = sorted(latencies)
-    pct = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")  # noqa: E731
-    return {"models": len(set(models)), "requests": requests, "ok": len(latencies), "errors": errors,
-            "unsent": len(queue), "wall_s": wall, "requests_per_s": len(latencies) / wall, "tokens_per_s": tokens / wall,
-            "completion_tokens": tokens, "p50_s": pct(0.50), "p99_s": pct(0.99),
-            "mean_s": statistics.fmean(latencies) if latencies else float("nan")}
+    return summarize(timings, time.perf_counter() - started, models, requests, len(queue), errors)
+
+
+async def stream_one(client, body: dict, timeout: float) -> tuple[Timing | None, str | None]:
+    """Return (Timing, None) for one streamed chat completion, or (None, why) when it failed."""
+    sent = time.perf_counter()
+    first = last = None
+    tokens = chunks = 0
+    async with client.stream("POST", "/v1/chat/completions", json=body, timeout=timeout) as r:
+        if r.status_code != 200:
+            return None, str(r.status_code)
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk, now = json.loads(line[6:]), time.perf_counter()
+            if "error" in chunk:
+                return None, "stream error"
+            for choice in chunk.get("choices") or []:
+                if choice["delta"].get("content"):  # the first chunk holds only the role
+                    first, chunks = first or now, chunks + 1
+                if choice.get("finish_reason"):
+                    last = now
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+    if last is None:
+        return None, "stream cut short"
+    tokens = tokens or chunks  # a server without stream_options.include_usage: one token per content chunk
+    # A reply that is only the stop token has no content chunk: its first token is its last.
+    return Timing(sent, first or last, last, time.perf_counter(), tokens), None
 
 
 def build_setup(args, workdir: Path) -> tuple[str, list[str]]:
@@ -181,6 +209,7 @@ def serve_and_measure(args, registry: str, names: list[str], mix: bool, scenario
     try:
         warm = [args.base] + served  # load every adapter once: loading is not what this measures
         asyncio.run(run_scenario(server.url, None, warm, len(warm), 1, 2, args.max_seconds))
+        engine.batch_sizes.clear()  # so the first scenario's rows per forward leave the warm-up out
         out = {}
         for label, models in scenarios:
             out[label] = asyncio.run(run_scenario(server.url, None, models, args.requests, args.concurrency,
@@ -212,7 +241,41 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores (load average {load}), torch {torch.__version__}, {device}"
 
 
+def measure_local(args) -> dict:
+    """Return {scenario: results} for every scenario, on a registry of args.adapters random LoRA adapters built here."""
+    if args.adapters < 8:
+        raise SystemExit(f"--adapters {args.adapters}: the mixed scenarios need at least 8; pass --adapters 8 or more")
+    with tempfile.TemporaryDirectory(prefix="peftkit-serve-load-") as tmp:
+        registry, names = build_setup(args, Path(tmp))
+        results = {} if args.skip_naive else {"naive": naive_scenario(args, registry, names[:8])}
+        scenarios = [("single", names[:1]), ("mixed 8", names[:8])]
+        if len(names) > 8:
+            scenarios.append((f"mixed {len(names)}", names))
+        if args.methods:
+            scenarios.append(("every method", names[:2] + build_method_adapters(args, Path(tmp))))
+        results |= serve_and_measure(args, registry, names, True, scenarios)
+        if not args.skip_no_mix:  # over the first 8, beside "mixed 8"
+            results["one batch per adapter"] = serve_and_measure(args, registry, names[:8], False,
+                                                                 [("grouped", names[:8])])["grouped"]
+    return results
+
+
+def naive_scenario(args, registry: str, names: list[str]) -> dict:
+    """Return summarize()'s figures for the requests answered by transformers generate one at a time (naive_generate)."""
+    import gc
+
+    from peftkit.bench.naive_generate import run_naive
+
+    timings, wall, unsent = run_naive(args.base, registry, names, PROMPTS, requests=args.requests,
+                                      concurrency=args.concurrency, max_tokens=args.max_tokens,
+                                      max_seconds=args.max_seconds, dtype=args.dtype, threads=args.threads)
+    gc.collect()  # free its copy of the base before the server loads one
+    return summarize(timings, wall, names, args.requests, unsent, {}) | {"batch_rows_mean": 1.0}
+
+
 def main(argv=None) -> int:
+    from peftkit.bench.serve_report import markdown_table, ratio_lines, ratios, text_table
+
     args = parse_args(argv)
     if args.url:
         check_loopback(args.url)
@@ -222,28 +285,17 @@ def main(argv=None) -> int:
         results = {"custom": asyncio.run(run_scenario(args.url, args.api_key, models, args.requests, args.concurrency,
                                                       args.max_tokens, args.max_seconds))}
     else:
-        if args.adapters < 8:
-            raise SystemExit("--adapters must be at least 8")
-        with tempfile.TemporaryDirectory(prefix="peftkit-serve-load-") as tmp:
-            registry, names = build_setup(args, Path(tmp))
-            scenarios = [("mixed", names), ("single", names[:1])]
-            if args.methods:
-                scenarios.append(("every method", names[:2] + build_method_adapters(args, Path(tmp))))
-            results = serve_and_measure(args, registry, names, True, scenarios)
-            if not args.skip_no_mix:
-                results["one batch per adapter"] = serve_and_measure(args, registry, names, False, [("grouped", names)])["grouped"]
-    print(f"machine: {machine()}")
-    print(f"base {args.base}, {args.requests} requests per scenario, concurrency {args.concurrency}, "
-          f"max_tokens {args.max_tokens}, temperature 0, engine threads {args.threads or 'default'}, dtype {args.dtype}")
-    print(f"{'scenario':24} {'adapters':>8} {'ok':>4} {'errors':>6} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'rows/fwd':>8}")
-    for label, r in results.items():
-        errors = sum(r["errors"].values()) + r["unsent"]
-        print(f"{label:24} {r['models']:>8} {r['ok']:>4} {errors:>6} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>7.1f} "
-              f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r.get('batch_rows_mean', float('nan')):>8.2f}")
-    if "mixed" in results and "single" in results:
-        print(f"mixed / single throughput: {results['mixed']['tokens_per_s'] / results['single']['tokens_per_s']:.2f}")
+        results = measure_local(args)
+    header = [f"machine: {machine()}",
+              f"base {args.base}, {args.requests} requests per scenario, concurrency {args.concurrency}, max_tokens "
+              f"{args.max_tokens}, temperature 0, engine threads {args.threads or 'default'}, dtype {args.dtype}"]
+    print("\n".join(header + [text_table(results)] + ratio_lines(results)))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results}, indent=2))
+        Path(args.json_out).write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results,
+                                                   "ratios": ratios(results)}, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text("\n\n".join([markdown_table(results), "\n".join(f"- {line}" for line in
+                                                                                      ratio_lines(results) + header)]) + "\n")
     return 0 if all(not r["errors"] for r in results.values()) else 1
 
 

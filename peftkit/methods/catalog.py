@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # How the server runs an adapter of this method (see peftkit.serving.kinds):
-LORA = "lora"          # rows of any number of LoRA adapters share one forward (peft's adapter_names)
+LORA = "lora"          # rows of any number of LoRA adapters share one forward (serving/batched_lora.py)
 DORA = "dora"          # peft cannot mix DoRA rows: each adapter gets a lane as the shared model's active adapter
 VIRTUAL = "virtual"    # prefix/prompt tuning: virtual tokens enter at the row's prefill, sharing the mixed batch
 MODEL = "model"        # its own lane on its own module tree (IA3, bottleneck) or a whole model (full)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from peftkit.methods.catalog import CATALOG, MIXED_KINDS, VIRTUAL, serve_kind_of
+from peftkit.methods.catalog import CATALOG, LORA, MIXED_KINDS, VIRTUAL, serve_kind_of
 from peftkit.prompting import Prompting, read_prompting, stop_ids
 from peftkit.serving.errors import AdapterUnavailableError, UnknownModelError, UnsupportedAdapterError
 
@@ -53,7 +53,8 @@ class Profile:
     files: tuple[tuple[str, str], ...] = ()
     """The adapter's files as the registry recorded them: (path relative to folder, sha256)."""
     weight_bytes: int = 0
-    """What the adapter's weights take once loaded, read from its safetensors headers (a full fine-tune: a whole model)."""
+    """What the adapter's weights take once loaded, read from its safetensors headers (a full fine-tune: a whole model;
+    plain LoRA: twice, for its copy in the batched forward's stacks)."""
     virtual_tokens: int = 0
     """Prefix/prompt tuning: the virtual tokens put in front of each prompt (they take KV-cache positions too)."""
 
@@ -186,9 +187,12 @@ class Resolver:
         from peftkit.serving.memory import weights_bytes
 
         virtual = config.get("num_virtual_tokens") if kind == VIRTUAL else 0
+        weight_bytes = weights_bytes(folder, self.element_size)
+        if kind == LORA:  # peft's copy plus the batched forward's stacked copy (peftkit.serving.batched_lora)
+            weight_bytes *= 2
         return Profile(entry.name, entry.ref, "ad_" + entry.content_sha256[:16], folder, entry.method, kind,
                        kind in MIXED_KINDS, prompting.system_prompt, prompting.chat_template, stops,
-                       tuple((f.path, f.sha256) for f in entry.files), weights_bytes(folder, self.element_size),
+                       tuple((f.path, f.sha256) for f in entry.files), weight_bytes,
                        virtual if isinstance(virtual, int) and virtual > 0 else 0)
 
     def _checkout(self, entry) -> Path:

@@ -6,7 +6,7 @@
 
 One worker thread owns the model. Each loop it admits waiting requests (loading their adapters
 on a cache miss), runs one forward per lane, picks one token per row and hands text to each
-request's callback. Base rows, LoRA rows for any number of adapters (peft's `adapter_names`) and
+request's callback. Base rows, LoRA rows for any number of adapters (gathered per layer: peftkit.serving.batched_lora) and
 prefix/prompt-tuning rows (their virtual tokens enter at prefill) share one lane; DoRA, IA3,
 bottleneck and full fine-tune adapters, which change the layers themselves, get a lane each
 (see peftkit.serving.kinds). What is loaded, and which model a lane's forward calls, is

@@ -3,7 +3,7 @@
 Each method's kind is its `serve_kind` in peftkit.methods.catalog (`serve_kind_of` reads it from an
 adapter_config.json):
 
-    lora     rows of any number of LoRA adapters share one forward (peft's adapter_names)
+    lora     rows of any number of LoRA adapters share one forward (gathered per layer: peftkit.serving.batched_lora)
     dora     peft cannot mix DoRA rows, so each DoRA adapter gets a lane, as the shared model's active adapter
     virtual  prefix and prompt tuning change no weight: their virtual tokens go into a row's prefill (as a
              pre-filled key/value cache or as leading input embeddings), so these rows share forwards with

@@ -13,10 +13,12 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from functools import partial
 from typing import Any, Callable
 
 from peftkit.methods.catalog import MODEL, VIRTUAL
 from peftkit.serving.adapters import Profile
+from peftkit.serving.batched_lora import BatchedLora
 from peftkit.serving.errors import AdapterMismatchError, AdapterUnavailableError, ServingError, UnsupportedAdapterError
 from peftkit.serving.kinds import load_model_adapter, load_virtual, shared_copy
 from peftkit.serving.memory import MIB, own_bytes
@@ -109,6 +111,7 @@ class LoadedAdapters:
         """The base model; set by attach once the engine's worker has loaded it."""
         self.peft = None
         """The PeftModel around the base holding every loaded LoRA and DoRA adapter (None until the first)."""
+        self.batched = BatchedLora()  # the LoRA adapters of `peft` stacked per layer, for mixed batches
         self.virtual: dict[str, Any] = {}  # adapter key -> VirtualTokens of a loaded prefix/prompt adapter
         self.models: dict[str, Any] = {}  # adapter key -> model of a loaded IA3/bottleneck/full adapter
         self.load_seconds = 0.0
@@ -130,7 +133,9 @@ class LoadedAdapters:
                 model = own
             elif self.peft is None or not self.peft.peft_config:
                 model = self.model
-            elif lane == MIXED or lane in self.virtual:  # base, LoRA and prefix/prompt rows
+            elif (lane == MIXED or lane in self.virtual) and self.batched.covers(names):
+                model = partial(self.batched.run, self.peft, names)  # base, LoRA and prefix/prompt rows: gathered bmm
+            elif lane == MIXED or lane in self.virtual:  # a row's adapter is not plain LoRA: peft's per-adapter loop
                 model, kwargs["adapter_names"] = self.peft, names
             else:  # an unmixable LoRA adapter (DoRA) runs alone in its lane, as the active adapter
                 model = self.peft
@@ -176,6 +181,7 @@ class LoadedAdapters:
         from peft import PeftModel
 
         first = self.peft is None
+        stacked = self.batched.nbytes()
         try:
             if first:  # on a copy sharing the base's weights: a failed load leaves the served base untouched
                 self.peft = PeftModel.from_pretrained(shared_copy(self._pristine), profile.folder, adapter_name=profile.key,
@@ -183,6 +189,7 @@ class LoadedAdapters:
             else:
                 self.peft.load_adapter(profile.folder, adapter_name=profile.key, low_cpu_mem_usage=True)
             check_peft_keys(self.peft, profile.key, profile)
+            self.batched.refresh(self.peft)
         except BaseException:
             self._drop_lora(profile.key, first)
             raise
@@ -190,21 +197,23 @@ class LoadedAdapters:
         self.peft.set_adapter(profile.key, inference_mode=True)
         self.peft.eval()
         params = [p for n, p in self.peft.named_parameters() if f".{profile.key}." in n or n.endswith(f".{profile.key}")]
-        return own_bytes(params, set())
+        # Its rows of the batched-forward stacks count too (more when its rank widened every adapter's padding).
+        return own_bytes(params, set()) + max(0, self.batched.nbytes() - stacked)
 
     def _drop_lora(self, key: str, first: bool) -> None:
         """Undo a failed LoRA load: the adapter layers peft added for it go, so they never run half loaded."""
         if first or self.peft is None:
             self.peft = None
-            return
-        if key in self.peft.peft_config:
+        elif key in self.peft.peft_config:
             self.peft.delete_adapter(key)
-        if self.peft.peft_config:
+        if self.peft is not None and self.peft.peft_config:
             self.peft.set_adapter(next(iter(self.peft.peft_config)), inference_mode=True)
+        self.batched.refresh(self.peft)
 
     def _unload(self, key: str) -> None:
         if self.virtual.pop(key, None) is None and self.models.pop(key, None) is None:
             self.peft.delete_adapter(key)
+            self.batched.refresh(self.peft)
         log.info("evicted adapter %s", key)
 
 

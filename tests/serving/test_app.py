@@ -185,33 +185,3 @@ def _wait(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
-
-
-def test_load_script_measures_mixed_traffic_on_loopback_only(server):
-    import asyncio
-
-    from serving_helpers import LORA_NAMES
-
-    from peftkit.bench.serve_load import check_loopback, run_scenario
-
-    result = asyncio.run(run_scenario(server, KEY, LORA_NAMES[:8], requests=16, concurrency=4, max_tokens=3, max_seconds=120))
-    assert (result["ok"], result["errors"], result["unsent"], result["models"]) == (16, {}, 0, 8)
-    assert result["completion_tokens"] == 16 * 3 and 0 < result["p50_s"] <= result["p99_s"]
-    check_loopback("http://127.0.0.1:8000")
-    with pytest.raises(SystemExit, match="only loopback"):
-        check_loopback("http://10.1.2.3:8000")
-
-
-def test_load_script_every_method_scenario_serves_all_methods_without_errors(tiny_model_dir, tmp_path, capsys):
-    from peftkit.bench import serve_load
-
-    args = serve_load.parse_args(["--base", str(tiny_model_dir), "--adapters", "8", "--rank", "4", "--requests", "16",
-                                  "--concurrency", "8", "--max-tokens", "3", "--dtype", "fp32", "--methods", "--skip-no-mix"])
-    registry, names = serve_load.build_setup(args, tmp_path)
-    methods = serve_load.build_method_adapters(args, tmp_path)
-    results = serve_load.serve_and_measure(args, registry, names, True, [("every method", names[:2] + methods)])
-    r = results["every method"]
-    assert (r["ok"], r["errors"], r["unsent"], r["models"]) == (16, {}, 0, 8)
-    assert r["completion_tokens"] == 16 * 3
-    # Eight requests in flight over eight adapters: the LoRA, prefix and prompt rows share forwards.
-    assert r["batch_rows_mean"] > 1
