@@ -107,3 +107,35 @@ def cpu_probe(home: Path | None = None, *, measure: Callable[[], dict] | None = 
     except OSError:  # a read-only home still trains; it only measures again next time
         pass
     return {**result, "cached": False}
+
+
+def decode_threads(hidden: int, intermediate: int, dtype: torch.dtype, rows: int = 8,
+                   min_seconds: float = 0.05) -> dict[str, Any]:
+    """Return {"threads": the faster intra-op thread count for decode-sized matmuls, "ms": {count: ms}}.
+
+    A decode step multiplies a few rows by each weight. On a CPU whose cores other jobs share, OpenMP
+    threads can spin against each other and make two threads ten times slower than one (measured on a
+    shared 2-core machine); on an idle one more threads win. So the server asks the machine at start.
+    """
+    weight = torch.randn(hidden, intermediate).to(dtype)
+    x = torch.randn(rows, hidden).to(dtype)
+    before = torch.get_num_threads()
+    timings = {}
+    try:
+        for count in sorted({1, len(os.sched_getaffinity(0))}):
+            torch.set_num_threads(count)
+            timings[count] = round(1000 * _timed(lambda: x @ weight, min_seconds), 4)
+    finally:
+        torch.set_num_threads(before)
+    return {"threads": min(timings, key=timings.get), "ms": timings}
+
+
+def dtype_source(setting: str, dtype: torch.dtype) -> str:
+    """Return a line saying why the model runs in dtype: the setting, or the measured probe behind `auto`."""
+    if setting != "auto":
+        return f"--dtype {setting}"
+    if torch.cuda.is_available():
+        return "auto on a GPU: bf16 where supported, else fp16"
+    probe = cpu_probe()
+    return (f"auto, measured on this CPU: a bf16 block took {probe['bf16_block_ms']} ms against fp32's "
+            f"{probe['fp32_block_ms']} ms (choice {probe['choice']})")

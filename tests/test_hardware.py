@@ -58,3 +58,24 @@ def test_runs_record_the_probe_behind_auto(monkeypatch, peftkit_home):
     monkeypatch.setattr(hardware, "run_probe", lambda: {"choice": "bf16", "bf16_over_fp32_time": 0.3})
     assert dtype_probe("auto")["choice"] == "bf16" and dtype_probe("auto")["cached"] is True
     assert dtype_probe("fp32") is None
+
+
+def test_decode_threads_times_one_and_every_core_and_restores_the_setting(monkeypatch):
+    import os
+
+    before = torch.get_num_threads()
+    result = hardware.decode_threads(64, 256, torch.float32, min_seconds=0.01)
+    assert set(result["ms"]) == {1, len(os.sched_getaffinity(0))} and all(ms > 0 for ms in result["ms"].values())
+    assert result["threads"] == min(result["ms"], key=result["ms"].get)
+    assert torch.get_num_threads() == before
+    # The faster count wins, whichever it is.
+    monkeypatch.setattr(hardware, "_timed", lambda fn, min_seconds: 0.001 * torch.get_num_threads())
+    assert hardware.decode_threads(64, 256, torch.float32)["threads"] == 1
+
+
+def test_dtype_source_names_the_setting_or_the_measurement(monkeypatch):
+    assert hardware.dtype_source("fp32", torch.float32) == "--dtype fp32"
+    monkeypatch.setattr(hardware, "cpu_probe", lambda: {"bf16_block_ms": 4.3, "fp32_block_ms": 15.0, "choice": "bf16"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.dtype_source("auto", torch.bfloat16) == (
+        "auto, measured on this CPU: a bf16 block took 4.3 ms against fp32's 15.0 ms (choice bf16)")

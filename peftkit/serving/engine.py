@@ -55,6 +55,8 @@ class Engine:
         self.settings = settings = settings or ServeSettings()
         self.served_name = settings.base_name
         self.adapters = LoadedAdapters(settings.max_loaded_adapters, dtype=settings.dtype, device=settings.device)
+        self.runtime: dict[str, Any] = {}
+        """The dtype and torch threads the engine runs with, and why (set once the model is loaded)."""
         self.context_length = 0
         self.memory: Budget | None = None
         """Bytes KV caches and loaded adapters may use (set once the model is loaded)."""
@@ -120,10 +122,7 @@ class Engine:
         import peft  # noqa: F401 - imported now (seconds) rather than on the first adapter request
 
         settings = self.settings
-        if settings.threads:
-            # Set on the worker thread, which runs every forward. On a CPU shared with other jobs, fewer intra-op
-            # threads than cores keeps OpenMP threads from spinning against each other (measured on a shared
-            # 2-core machine: one thread ran a decode-sized matmul 40x faster than two).
+        if settings.threads:  # set on the worker thread, which runs every forward
             torch.set_num_threads(settings.threads)
 
         path = resolve_model(settings.base)
@@ -131,6 +130,9 @@ class Engine:
         self._decoder = load_tokenizer(settings.base)  # the worker's own copy: tokenizers are not shared across threads
         self.model = load_base(settings.base, dtype=settings.dtype, device=settings.device).eval()
         self.adapters.attach(self.model)
+        self.runtime = runtime_choice(settings, self.model)
+        log.info("serving in %s (%s) with %d torch threads (%s)", self.runtime["dtype"], self.runtime["dtype_source"],
+                 self.runtime["threads"], self.runtime["threads_source"])
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.vocab_size = int(self.model.config.vocab_size)
         element = torch.empty((), dtype=self.model.dtype).element_size()
@@ -199,7 +201,7 @@ class Engine:
                 "kv_cache_reserved_bytes": scheduler.reserved_bytes() if scheduler else 0,
                 "kv_cache_bytes_per_token": memory.per_token, "adapter_weight_bytes": cache.loaded_bytes(),
                 "finished": {k[len("finished_"):]: v for k, v in stats.items() if k.startswith("finished_")},
-                "batch_sizes": dict(self.batch_sizes)}
+                "batch_sizes": dict(self.batch_sizes), "runtime": dict(self.runtime)}
 
     def _prepare(self, request: GenerationRequest, on_event) -> tuple[Row, Handle, Profile]:
         request.check()
@@ -274,3 +276,22 @@ class Engine:
             self._queue.clear()
         if self._scheduler is not None:
             self._scheduler.fail_all(error, pending)
+
+
+def runtime_choice(settings: ServeSettings, model) -> dict[str, Any]:
+    """Return the dtype and thread count the engine runs with and why; on a CPU without --threads, measure the threads.
+
+    On a CPU shared with other jobs, fewer intra-op threads than cores keeps OpenMP threads from spinning
+    against each other (one thread ran a decode-sized matmul 40x faster than two on a shared 2-core
+    machine); on an idle one two can win. peftkit.hardware.decode_threads asks the machine at hand.
+    """
+    from peftkit.hardware import decode_threads, dtype_source
+
+    source = f"--threads {settings.threads}" if settings.threads else "torch's default"
+    if not settings.threads and model.device.type == "cpu":
+        config = model.config
+        probe = decode_threads(config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size), model.dtype)
+        torch.set_num_threads(probe["threads"])
+        source = "measured: a decode-sized matmul took " + ", ".join(f"{ms} ms with {n}" for n, ms in probe["ms"].items())
+    return {"dtype": str(model.dtype).removeprefix("torch."), "dtype_source": dtype_source(settings.dtype, model.dtype),
+            "threads": torch.get_num_threads(), "threads_source": source}

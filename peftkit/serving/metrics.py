@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -100,3 +100,6 @@ class EngineCollector:
         buckets.append(("+Inf", sum(sizes.values())))
         yield HistogramMetricFamily("peftkit_batch_rows", "Rows per forward pass", buckets=buckets,
                                     sum_value=sum(size * n for size, n in sizes.items()))
+        if snap["runtime"]:
+            yield InfoMetricFamily("peftkit_engine", "The dtype and torch threads the engine runs with, and why",
+                                   value={k: str(v) for k, v in snap["runtime"].items()})

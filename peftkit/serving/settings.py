@@ -28,7 +28,7 @@ class ServeSettings:
     device: str | None = None
     """Device to load the model on, e.g. cuda:1 (default: the GPU when there is one, else the CPU)."""
     threads: int | None = None
-    """Torch CPU threads (default: torch's choice; fewer helps on a shared CPU)."""
+    """Torch CPU threads (default on a CPU: one or every core, whichever ran a decode-sized matmul faster at start)."""
     max_loaded_adapters: int = 8
     """Adapters kept loaded at once (LRU)."""
     max_batch_size: int = 16

@@ -159,6 +159,11 @@ def test_metrics_count_requests_tokens_cache_with_bounded_labels(server, client)
                    "peftkit_adapter_cache_hits_total", "peftkit_adapter_cache_misses_total",
                    "peftkit_adapter_cache_evictions_total", "peftkit_batch_rows_bucket", "peftkit_engine_ready 1.0"):
         assert series in text, series
+    info = next(line for line in text.splitlines() if line.startswith("peftkit_engine_info{"))
+    # The fixture's engine sets dtype fp32 and no thread count: the threads were measured at start.
+    assert 'dtype="float32"' in info and 'dtype_source="--dtype fp32"' in info
+    assert 'threads_source="measured: a decode-sized matmul took' in info
+    assert int(info.split('threads="')[1].split('"')[0]) >= 1
 
 
 def test_ready_is_503_until_the_engine_runs(tiny_model_dir, registry_dir):
