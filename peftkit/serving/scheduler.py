@@ -1,7 +1,8 @@
 """The engine's worker side: which rows run together, admitted against the batch size, adapter slots and memory.
 
 Each step the worker (peftkit.serving.engine) calls `admit` then `step`. Rows that fit join a lane
-(peftkit.serving.batcher) and are prefilled; each lane then runs one forward and every row in it
+(peftkit.serving.batcher) and are prefilled, at most `max_prefill_tokens` of prompt per step (the
+first always goes), so that requests arriving together do not stall the rows decoding; each lane then runs one forward and every row in it
 advances by a token. A row waits while the batch is full, while every adapter slot is pinned, or
 while its KV cache would not fit the memory budget beside the lanes running now (and then the rows
 behind it wait too, so a large request is not starved). What fails is kept to the rows it touched:
@@ -57,13 +58,16 @@ class Scheduler:
     def admit(self) -> None:
         """Move waiting rows into lanes while the batch size, adapter slots and memory allow, and prefill them."""
         joining: dict[tuple[str, str | None], list[Row]] = {}
-        still_waiting, blocked = [], False
+        still_waiting, blocked, prefill = [], False, 0
         for row, handle, profile in self.waiting:
             if handle.cancelled.is_set():
                 self.finish(row, "cancelled")
                 continue
             full = blocked or self.running() + sum(map(len, joining.values())) >= self.settings.max_batch_size
+            if not full and joining and prefill + len(row.prompt_ids) > self.settings.max_prefill_tokens:
+                full = blocked = True  # this step's prefill budget is spent: the rows decoding get their token first
             placed = "full" if full else self._try_place(row, profile, joining)
+            prefill += len(row.prompt_ids) if placed == "joined" else 0
             if placed != "joined" and placed != "failed":
                 still_waiting.append((row, handle, profile))
                 blocked = blocked or placed == "memory"  # first come, first served: a large request is not starved

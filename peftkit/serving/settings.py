@@ -33,6 +33,8 @@ class ServeSettings:
     """Adapters kept loaded at once (LRU)."""
     max_batch_size: int = 16
     """Requests generated together per step."""
+    max_prefill_tokens: int = 512
+    """Prompt tokens prefilled in one step at most (the first joining request always goes): requests beyond wait a step, so a burst of new requests does not freeze the ones decoding."""
     max_messages: int = 1024
     """Most messages in one chat request; more get 400 before the chat template is rendered."""
     max_prompt_chars: int | None = None

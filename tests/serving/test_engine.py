@@ -194,3 +194,29 @@ def test_prompts_and_stops_follow_the_adapters_training_settings(engine, adapter
     assert handle.profile.stop_ids == frozenset(stop_token_ids(tokenizer, chat_template=TEMPLATE))
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in handle.profile.stop_ids
     handle.result(60)
+
+
+def test_a_prefill_budget_spreads_joining_requests_over_steps_without_changing_answers(tiny_model_dir, registry_dir,
+                                                                                      monkeypatch):
+    """With max_prefill_tokens below two prompts, requests arriving together join one per step, each after the rows
+    already decoding got a token, and every answer is the one it gets alone."""
+    from peftkit.serving.batcher import Lane
+
+    requests = [chat("lora0", "Hi", max_tokens=8), chat("lora2", "Where is my order?", max_tokens=8),
+                chat("lora3", "Hello there", max_tokens=8)]
+    eng = Engine(ServeSettings(str(tiny_model_dir), registry=str(registry_dir), dtype="fp32", threads=1,
+                               max_prefill_tokens=1)).start()
+    try:
+        expected = [alone(eng, r) for r in requests]
+        joins, add = [], Lane.add
+
+        def recording_add(lane, rows):
+            joins.append((len(rows), [len(r.output_ids) for r in lane.rows]))
+            return add(lane, rows)
+
+        monkeypatch.setattr(Lane, "add", recording_add)
+        assert [h.result(60).token_ids for h in eng.submit_batch(requests)] == expected
+    finally:
+        eng.stop()
+    assert [n for n, _ in joins] == [1, 1, 1]  # one row per step, not all three at once
+    assert all(len(decoding) == i and min(decoding, default=2) >= 2 for i, (_, decoding) in enumerate(joins))
