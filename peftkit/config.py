@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,8 +167,8 @@ class RegistryConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "adapter"
-    """Name of this run: the registry name and the default output folder runs/<name>."""
+    name: str | None = None
+    """Name of this run: the registry name and the default output folder runs/<name> (default: the data file's, my_chats.jsonl -> my-chats)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -199,7 +200,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/smollm2-135m/lora.yaml")
+            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/smollm2-135m/lora.yaml (or configs/demo/fernhill.yaml for the demo)")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
@@ -212,10 +213,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r} must look like key=value, e.g. --set method.rank=32")
         _set_dotted(raw, key.strip(), _parse_scalar(value))
     cfg = _build(RunConfig, raw, prefix="")
+    if cfg.name is None:  # never a preset's: a run is named after what it learns from
+        cfg.name = name_from_data(cfg.data.path or next((s.get("path") for s in cfg.data.sources if isinstance(s, dict)), None))
     _validate(cfg)
     if cfg.train.output_dir is None:
         cfg.train.output_dir = str(Path("runs") / cfg.name)
     return cfg
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".gz", ".zst", ".bz2", ".xz")
+
+
+def name_from_data(path: str | None) -> str:
+    """Return a registry-safe run name from a data file or folder: my_chats.jsonl -> my-chats; "adapter" without one."""
+    if not path:
+        return "adapter"
+    stem = Path(str(path).rstrip("/\\")).name
+    while Path(stem).suffix.lower() in DATA_SUFFIXES:
+        stem = stem[: -len(Path(stem).suffix)]
+    # Lower-case words joined by '-': what registry names look like (fernhill-support); '.' kept for v1.2.
+    name = re.sub(r"[^a-z0-9.]+", "-", stem.lower()).strip("-.")[:128].rstrip("-.")
+    return name or "adapter"
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ def test_torchrun_two_processes_share_checkpoints_and_write_one_adapter(tiny_ove
     run = tmp_path / "run"
     sets = tiny_overrides + ["data.packing=false", f"train.output_dir={run}", "train.max_steps=4", "train.save_steps=2"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peftkit", "train",
-           "configs/smollm2-135m/lora.yaml", *sum([["--set", s] for s in sets], [])]
+           "configs/demo/fernhill.yaml", *sum([["--set", s] for s in sets], [])]
     done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

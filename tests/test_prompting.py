@@ -15,7 +15,7 @@ def test_training_records_how_it_prompted_even_from_a_template_file(tiny_overrid
     template_file.write_text(TEMPLATE)
     sets = tiny_overrides + ["train.max_steps=1", "data.system_prompt=You are terse.",
                              f"data.chat_template={template_file}"]
-    assert main(["train", "configs/smollm2-135m/lora.yaml", *sum([["--set", o] for o in sets], [])]) == 0
+    assert main(["train", "configs/demo/fernhill.yaml", *sum([["--set", o] for o in sets], [])]) == 0
     adapter = tmp_path / "run" / "adapter"
     record = json.loads((adapter / "peftkit.json").read_text())["prompting"]
     assert record["system_prompt"] == "You are terse." and record["chat_template"] == TEMPLATE

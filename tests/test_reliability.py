@@ -165,7 +165,7 @@ def test_full_disk_during_final_save_keeps_previous_adapter(tiny_overrides, tmp_
 def _cli_args(tiny_overrides, run: Path, steps: int, save_steps: int) -> list[str]:
     sets = tiny_overrides + [f"train.output_dir={run}", f"train.max_steps={steps}", f"train.save_steps={save_steps}",
                              "train.save_total_limit=2", "data.eval_fraction=0", "train.logging_steps=1"]
-    return [sys.executable, "-m", "peftkit", "train", "configs/smollm2-135m/lora.yaml", *sum([["--set", s] for s in sets], [])]
+    return [sys.executable, "-m", "peftkit", "train", "configs/demo/fernhill.yaml", *sum([["--set", s] for s in sets], [])]
 
 
 @pytest.mark.slow

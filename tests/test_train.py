@@ -11,7 +11,7 @@ from peftkit.train import train
 
 
 def test_train_writes_every_file(tiny_overrides, tmp_path, capsys):
-    assert main(["train", "configs/smollm2-135m/lora.yaml", *sum([["--set", o] for o in tiny_overrides], [])]) == 0
+    assert main(["train", "configs/demo/fernhill.yaml", *sum([["--set", o] for o in tiny_overrides], [])]) == 0
     run = tmp_path / "run"
     adapter = run / "adapter"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -44,7 +44,7 @@ def test_saved_adapter_loads_in_stock_peft_with_identical_logits(tiny_overrides,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config("configs/smollm2-135m/lora.yaml", tiny_overrides + ["method.target_modules=all-linear"])
+    cfg = load_config("configs/demo/fernhill.yaml", tiny_overrides + ["method.target_modules=all-linear"])
     result = train(cfg)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     result.model.eval()
@@ -61,7 +61,7 @@ def test_saved_adapter_loads_in_stock_peft_with_identical_logits(tiny_overrides,
 
 
 def test_loss_goes_down(tiny_overrides):
-    cfg = load_config("configs/smollm2-135m/lora.yaml", tiny_overrides + [
+    cfg = load_config("configs/demo/fernhill.yaml", tiny_overrides + [
         "train.max_steps=40", "train.learning_rate=0.01", "train.save_steps=100", "data.eval_fraction=0",
         "method.target_modules=all-linear", "method.rank=8"])
     m = train(cfg).metrics
@@ -94,7 +94,7 @@ def test_trained_adapter_learns_to_stop(tiny_model_dir, tmp_path):
 
 
 def test_generate_cli_with_and_without_adapter(tiny_overrides, tmp_path, capsys):
-    cfg = load_config("configs/smollm2-135m/lora.yaml", tiny_overrides)
+    cfg = load_config("configs/demo/fernhill.yaml", tiny_overrides)
     result = train(cfg)
     assert main(["generate", "--adapter", str(result.output_dir), "--prompt", "What colour is item 3?",
                  "--max-new-tokens", "5"]) == 0
@@ -105,7 +105,7 @@ def test_generate_cli_with_and_without_adapter(tiny_overrides, tmp_path, capsys)
 def test_chat_streams_and_keeps_history(tiny_overrides, capsys):
     from peftkit.generate import chat_loop, load_session
 
-    result = train(load_config("configs/smollm2-135m/lora.yaml", tiny_overrides))
+    result = train(load_config("configs/demo/fernhill.yaml", tiny_overrides))
     session = load_session(str(result.adapter_dir), dtype="fp32")
     inputs = iter(["What colour is item 1?", "And item 2?", "/exit"])
     printed = []
@@ -117,7 +117,7 @@ def test_chat_streams_and_keeps_history(tiny_overrides, capsys):
 
 def test_bad_data_path_is_a_one_line_error(tiny_overrides, tmp_path, capsys):
     args = sum([["--set", o] for o in tiny_overrides], []) + ["--set", f"data.path={tmp_path / 'missing.jsonl'}"]
-    assert main(["train", "configs/smollm2-135m/lora.yaml", *args]) == 2
+    assert main(["train", "configs/demo/fernhill.yaml", *args]) == 2
     err = capsys.readouterr().err
     assert "missing.jsonl" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "adapter").exists()
@@ -128,7 +128,7 @@ def test_bundled_model_trains_end_to_end(tmp_path):
     """A few real steps on SmolLM2-135M with the sample data; the adapter loads and answers."""
     from peftkit.generate import generate, load_session
 
-    cfg = load_config("configs/smollm2-135m/lora.yaml", [
+    cfg = load_config("configs/demo/fernhill.yaml", [
         "train.max_steps=3", "train.batch_size=4", "train.save_steps=100", "train.logging_steps=1",
         f"train.output_dir={tmp_path / 'run'}", "registry.register=false"])
     result = train(cfg)
@@ -144,9 +144,9 @@ def test_training_registers_with_lineage_and_opt_out(tiny_overrides, tmp_path, p
 
     sets = sum([["--set", o] for o in tiny_overrides + ["registry.register=true", "name=colours",
                                                         "registry.tags=[demo]", "registry.domain=retail"]], [])
-    assert main(["train", "configs/smollm2-135m/lora.yaml", *sets]) == 0
-    assert main(["train", "configs/smollm2-135m/lora.yaml", *sets, "--set", "train.seed=3"]) == 0
-    assert main(["train", "configs/smollm2-135m/lora.yaml", *sets, "--set", "train.seed=4", "--no-register"]) == 0
+    assert main(["train", "configs/demo/fernhill.yaml", *sets]) == 0
+    assert main(["train", "configs/demo/fernhill.yaml", *sets, "--set", "train.seed=3"]) == 0
+    assert main(["train", "configs/demo/fernhill.yaml", *sets, "--set", "train.seed=4", "--no-register"]) == 0
     reg = Registry(peftkit_home / "registry")
     entries = [e for e in reg.list() if e.name == "colours"]
     assert sorted(e.version for e in entries) == [1, 2]
@@ -166,7 +166,7 @@ def test_eval_token_accuracy_matches_a_hand_count(tiny_overrides, method):
     from peftkit.data import prepare
     from peftkit.models import load_tokenizer
 
-    cfg = load_config("configs/smollm2-135m/lora.yaml", [*tiny_overrides, f"method.name={method}", "data.packing=false",
+    cfg = load_config("configs/demo/fernhill.yaml", [*tiny_overrides, f"method.name={method}", "data.packing=false",
                                                          "data.eval_fraction=0.3", "method.num_virtual_tokens=4",
                                                          "train.max_steps=25", "train.learning_rate=0.03", "train.save_steps=100"])
     result = train(cfg, register=False)

@@ -28,7 +28,7 @@ from peftkit.errors import PeftkitError
 # The name users type -> the module run as `python -m MODULE --spec FILE --out FILE`.
 RECIPES = {"seed": "peftkit.bench.recipes.seed", "trl": "peftkit.bench.recipes.trl_sft",
            "peftkit": "peftkit.bench.recipes.peftkit_run"}
-BUNDLED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smollm2-135m" / "lora.yaml"
+BUNDLED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "fernhill.yaml"
 MFU_FORMULA = "MFU = 4 x N x useful tokens/s / matmul peak (N: base parameters; LoRA: 2N forward + 2N activation-gradient FLOPs)"
 COLUMNS = (("tokens_per_second", "tokens/s", ".1f"), ("seconds_per_step", "s/step", ".2f"), ("startup_seconds", "start-up s", ".1f"),
            ("total_seconds", "total s", ".1f"), ("peak_rss_mib", "peak RSS MiB", ",.0f"), ("mfu", "MFU", ".2%"),

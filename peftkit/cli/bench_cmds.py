@@ -14,7 +14,7 @@ def register(sub) -> None:
                     "one after another; prints a table and writes train_bench.json and train_bench.md to --out.")
     p.add_argument("config", nargs="?", default=None,
                    help="YAML config every recipe takes its model, data and budget from "
-                        "(default configs/smollm2-135m/lora.yaml: the bundled SmolLM2-135M-Instruct)")
+                        "(default configs/demo/fernhill.yaml: the demo on the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps for every recipe (default 10)")
     p.add_argument("--data", help="training conversations (JSONL of messages); default the config's data.path")
     p.add_argument("--eval-data", help="held-out conversations scored after training; default data.eval_path, "

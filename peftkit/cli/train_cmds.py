@@ -8,8 +8,16 @@ import logging
 
 def register(sub) -> None:
     """Add the training and generation commands to the CLI."""
-    p = sub.add_parser("train", help="fine-tune an adapter from a YAML config")
-    _config_args(p)
+    p = sub.add_parser("train", help="fine-tune an adapter from a YAML config, or from a generic preset with --data",
+                       description="Either CONFIG (a YAML file) or --data FILE, which picks the generic preset "
+                                   "configs/<model>/<method>.yaml for --model and --method.")
+    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/smollm2-135m/lora.yaml (omit with --data)")
+    p.add_argument("--data", help="training data file (sets data.path); without CONFIG it picks a generic preset")
+    p.add_argument("--model", help="with --data and no CONFIG: the preset's model, a folder under configs/ or its "
+                                   "model.name (default smollm2-135m, the bundled model)")
+    p.add_argument("--method", help="with --data and no CONFIG: the preset's method (default lora)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set method.rank=32 (repeatable; applied last)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
     p.add_argument("--force-resume", action="store_true",
                    help="resume even though the data, config or base model changed since the checkpoint")
@@ -35,7 +43,7 @@ def register(sub) -> None:
             p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="train the bundled model on the sample data and compare answers")
-    p.add_argument("config", nargs="?", default="configs/smollm2-135m/lora.yaml")
+    p.add_argument("config", nargs="?", default="configs/demo/fernhill.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
 
@@ -45,23 +53,31 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_config)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config, e.g. configs/smollm2-135m/lora.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set method.rank=32 (repeatable)")
-
-
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def cmd_train(args) -> int:
-    from peftkit.config import load_config
+    from peftkit.config import ConfigError, load_config
+    from peftkit.presets import pick_preset
     from peftkit.train import train
 
     _logging()
-    cfg = load_config(args.config, args.overrides)
+    if args.config is None:
+        if args.data is None:
+            raise ConfigError("pass a YAML config (e.g. configs/smollm2-135m/lora.yaml) or your data: "
+                              "peftkit train --data my.jsonl [--model M] [--method lora]")
+        config, preset_sets = pick_preset(args.model, args.method)
+        logging.getLogger(__name__).info("preset: %s", config)
+    elif args.model is not None or args.method is not None:
+        raise ConfigError("--model and --method pick a preset when no CONFIG is given; with a CONFIG use "
+                          "--set model.name=... or --set method.name=...")
+    else:
+        config, preset_sets = args.config, []
+    # JSON-quoted: YAML reads it back as the same string, whatever the file is called (true, 1.5, a: b).
+    data_sets = [f"data.path={json.dumps(args.data)}"] if args.data is not None else []
+    cfg = load_config(config, preset_sets + data_sets + args.overrides)
     result = train(cfg, resume=args.resume, force_resume=args.force_resume,
                    register=False if args.no_register else None)
     from peftkit.train import is_main_process

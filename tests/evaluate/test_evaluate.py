@@ -17,7 +17,7 @@ FAST = EvalSettings(max_new_tokens=8, batch_size=4, limit=6, examples=2, progres
 @pytest.fixture
 def trained(tiny_overrides, tmp_path):
     """Return a tiny LoRA run folder (6 steps on the colour conversations, 10% held out)."""
-    cfg = load_config("configs/smollm2-135m/lora.yaml", tiny_overrides + ["train.learning_rate=0.02"])
+    cfg = load_config("configs/demo/fernhill.yaml", tiny_overrides + ["train.learning_rate=0.02"])
     return train(cfg).output_dir
 
 
@@ -106,7 +106,7 @@ def test_eval_needs_something_to_evaluate(capsys, tmp_path):
 
 
 def test_training_can_end_with_the_same_evaluation(tiny_overrides, tmp_path):
-    cfg = load_config("configs/smollm2-135m/lora.yaml", tiny_overrides + ["eval.generate=true", "eval.max_new_tokens=6",
+    cfg = load_config("configs/demo/fernhill.yaml", tiny_overrides + ["eval.generate=true", "eval.max_new_tokens=6",
                                                                            "eval.examples=1"])
     result = train(cfg)
     report = result.metrics["evaluation"]
@@ -118,7 +118,7 @@ def test_training_can_end_with_the_same_evaluation(tiny_overrides, tmp_path):
 
 def test_a_full_fine_tunes_base_is_the_base_model_itself(tiny_overrides, chat_file, tmp_path):
     """A full fine-tune has no adapter to switch off: its base column must be the base model's own scores."""
-    cfg = load_config("configs/smollm2-135m/lora.yaml", tiny_overrides + ["method.name=full", "train.max_steps=2",
+    cfg = load_config("configs/demo/fernhill.yaml", tiny_overrides + ["method.name=full", "train.max_steps=2",
                                                                            "train.learning_rate=0.001"])
     run = train(cfg).output_dir
     settings = EvalSettings(generate=False, forgetting=False, progress=False)
@@ -140,7 +140,7 @@ def test_a_full_fine_tunes_base_is_the_base_model_itself(tiny_overrides, chat_fi
 def test_a_registered_adapters_evaluation_goes_into_its_entry(tiny_overrides, chat_file, tmp_path, peftkit_home, capsys):
     from peftkit.registry import Registry
 
-    cfg = load_config("configs/smollm2-135m/lora.yaml", tiny_overrides + ["registry.register=true", "name=colours"])
+    cfg = load_config("configs/demo/fernhill.yaml", tiny_overrides + ["registry.register=true", "name=colours"])
     assert train(cfg).registry_ref == "colours@1"
     report, _ = run_eval("colours", data=str(chat_file), settings=EvalSettings(generate=False, forgetting=False,
                                                                              progress=False), out=tmp_path / "e.json")

@@ -98,7 +98,7 @@ def test_the_trainer_gets_the_sparse_loss_from_the_catalog(tiny_overrides):
     from peftkit.train import build_model, build_trainer
 
     for name in ("lora", "prompt"):
-        cfg = load_config("configs/smollm2-135m/lora.yaml", tiny_overrides + [f"method.name={name}", "method.rank=4",
+        cfg = load_config("configs/demo/fernhill.yaml", tiny_overrides + [f"method.name={name}", "method.rank=4",
                                                                                "method.num_virtual_tokens=4"])
         tokenizer = load_tokenizer(cfg.model.name)
         trainer = build_trainer(cfg, build_model(cfg), tokenizer, prepare(cfg.data, tokenizer), cfg.train.output_dir,
