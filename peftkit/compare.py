@@ -17,12 +17,13 @@ from pathlib import Path
 from peftkit import atomic
 from peftkit.config import MethodConfig, load_config, save_config
 from peftkit.methods.catalog import CATALOG, FULL, METHOD_NAMES
+from peftkit.presets import CONFIGS
 
 # Every method but DoRA, which `lora` measures already as an option (method.use_dora).
 DEFAULT_METHODS = tuple(name for name in METHOD_NAMES if name != "dora")
 # Learning rates for methods whose usual range is far from LoRA's (the LoRA family keeps the config's).
 METHOD_LR = {m.name: m.learning_rate for m in CATALOG.values() if m.learning_rate is not None}
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "llama-3.1-8b"
+PRESETS = CONFIGS / "llama-3.1-8b"
 ADAPTER_FILES = ("adapter_config.json", "config.json", "*.safetensors", "*.safetensors.index.json")  # config.json: full only
 
 

@@ -24,11 +24,12 @@ from pathlib import Path
 from peftkit import atomic
 from peftkit.config import RunConfig, load_config, save_config
 from peftkit.errors import PeftkitError
+from peftkit.presets import DEMO
 
 # The name users type -> the module run as `python -m MODULE --spec FILE --out FILE`.
 RECIPES = {"seed": "peftkit.bench.recipes.seed", "trl": "peftkit.bench.recipes.trl_sft",
            "peftkit": "peftkit.bench.recipes.peftkit_run"}
-BUNDLED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "fernhill.yaml"
+BUNDLED_CONFIG = DEMO
 MFU_FORMULA = "MFU = 4 x N x useful tokens/s / matmul peak (N: base parameters; LoRA: 2N forward + 2N activation-gradient FLOPs)"
 COLUMNS = (("tokens_per_second", "tokens/s", ".1f"), ("seconds_per_step", "s/step", ".2f"), ("startup_seconds", "start-up s", ".1f"),
            ("total_seconds", "total s", ".1f"), ("peak_rss_mib", "peak RSS MiB", ",.0f"), ("mfu", "MFU", ".2%"),
