@@ -55,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the baseline of transformers generate one request at a time with peft set_adapter")
     p.add_argument("--methods", action="store_true",
                    help="add a scenario over adapters of every method (prefix, prompt, DoRA, IA3, bottleneck, full)")
+    p.add_argument("--compare-prefix-cache", action="store_true",
+                   help='add "no prefix cache 8": mixed 8 on a server with the prompt-prefix cache off')
+    p.add_argument("--batch-invariant", action="store_true",
+                   help='add "batch-invariant 8": mixed 8 on a server started with --batch-invariant')
     p.add_argument("--url", help="measure a running server instead (http://127.0.0.1:PORT; loopback only)")
     p.add_argument("--api-key", default=os.environ.get("PEFTKIT_API_KEY"))
     p.add_argument("--models", help="with --url: comma-separated model names to spread requests over")
@@ -193,8 +197,8 @@ def build_method_adapters(args, workdir: Path) -> list[str]:
     return [f"method-{m}" for m in OTHER_METHODS]
 
 
-def serve_and_measure(args, registry: str, names: list[str], mix: bool, scenarios: list[tuple[str, list[str]]]) -> dict:
-    """Return {scenario: results} measured against a fresh in-process server (mixing on or off)."""
+def serve_and_measure(args, registry: str, names: list[str], scenarios: list[tuple[str, list[str]]], **overrides) -> dict:
+    """Return {scenario: results} measured against a fresh in-process server (overrides: ServeSettings fields, e.g. mix)."""
     from peftkit.serving.app import create_app
     from peftkit.serving.engine import Engine
     from peftkit.serving.server import start_background
@@ -202,8 +206,8 @@ def serve_and_measure(args, registry: str, names: list[str], mix: bool, scenario
 
     served = sorted({m for _, models in scenarios for m in models} | set(names))
     settings = ServeSettings(args.base, registry=registry, dtype=args.dtype, max_loaded_adapters=len(served),
-                             max_batch_size=max(16, args.concurrency), mix=mix, threads=args.threads,
-                             max_concurrent=4 * args.concurrency)
+                             max_batch_size=max(16, args.concurrency), threads=args.threads,
+                             max_concurrent=4 * args.concurrency, **overrides)
     engine = Engine(settings).start()
     server = start_background(create_app(engine, settings))
     try:
@@ -253,10 +257,14 @@ def measure_local(args) -> dict:
             scenarios.append((f"mixed {len(names)}", names))
         if args.methods:
             scenarios.append(("every method", names[:2] + build_method_adapters(args, Path(tmp))))
-        results |= serve_and_measure(args, registry, names, True, scenarios)
-        if not args.skip_no_mix:  # over the first 8, beside "mixed 8"
-            results["one batch per adapter"] = serve_and_measure(args, registry, names[:8], False,
-                                                                 [("grouped", names[:8])])["grouped"]
+        results |= serve_and_measure(args, registry, names, scenarios)
+        # Each beside "mixed 8": the same requests over the first 8 adapters, on a server set up otherwise.
+        others = [("one batch per adapter", not args.skip_no_mix, {"mix": False}),
+                  ("no prefix cache 8", args.compare_prefix_cache, {"prefix_cache_mib": 0}),
+                  ("batch-invariant 8", args.batch_invariant, {"batch_invariant": True})]
+        for label, wanted, overrides in others:
+            if wanted:
+                results[label] = serve_and_measure(args, registry, names[:8], [(label, names[:8])], **overrides)[label]
     return results
 
 

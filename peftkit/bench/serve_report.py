@@ -76,6 +76,13 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
         out[f"peftkit {label} / naive tok/s"] = tok[label] / tok["naive"]
     for label in compared:  # above 1: peftkit's first token comes sooner
         out[f"naive / peftkit {label} TTFT p50"] = results["naive"]["ttft_p50_s"] / results[label]["ttft_p50_s"]
+    if "mixed 8" in tok:  # what the prompt-prefix cache saves, and what --batch-invariant costs
+        if "no prefix cache 8" in tok:
+            out["no prefix cache / mixed 8 TTFT p50"] = (results["no prefix cache 8"]["ttft_p50_s"]
+                                                         / results["mixed 8"]["ttft_p50_s"])
+            out["mixed 8 / no prefix cache tok/s"] = tok["mixed 8"] / tok["no prefix cache 8"]
+        if "batch-invariant 8" in tok:
+            out["batch-invariant 8 / mixed 8 tok/s"] = tok["batch-invariant 8"] / tok["mixed 8"]
     return out
 
 

@@ -47,9 +47,14 @@ class Row:
     """A prefix/prompt adapter's VirtualTokens (peftkit.serving.kinds), put in front of the prompt at prefill."""
     reserve: int = 0
     """KV-cache positions the row may fill at most: its virtual tokens, prompt and max_tokens (the memory budget's unit)."""
+    cached: int = 0
+    """Leading prompt tokens whose keys and values `virtual` already holds (a prompt-prefix cache hit): not prefilled."""
 
 class Lane:
     """Rows sharing one KV cache and one forward per step."""
+
+    solo = False
+    """True where each row runs its own forwards (SoloLane)."""
 
     def __init__(self, forward: Forward, pad_id: int, device: torch.device | str = "cpu",
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None):
@@ -64,8 +69,8 @@ class Lane:
     def add(self, rows: list[Row]) -> torch.Tensor:
         """Return the next-token logits of the new rows after prefilling their prompts into the lane.
 
-        Rows added together share their virtual tokens (the same prefix/prompt adapter, or none):
-        the engine groups them so.
+        Rows added together share their virtual tokens (the same prefix/prompt adapter, the same cached prompt head, or
+        none): the engine groups them so. A row's first `cached` prompt tokens are in those virtual tokens already.
         """
         from transformers import DynamicCache
 
@@ -74,9 +79,9 @@ class Lane:
         virtual = rows[0].virtual
         n = virtual.length if virtual is not None else 0
         in_cache = virtual is not None and virtual.kind == "prefix"  # prefix tuning: keys and values, not embeddings
-        mask, positions, pads = virtual_prefill([len(r.prompt_ids) for r in rows], n, in_cache=in_cache,
-                                                device=self.device)
-        ids = torch.tensor([[self.pad_id] * p + r.prompt_ids for p, r in zip(pads, rows)], device=self.device)
+        prompts = [r.prompt_ids[r.cached:] for r in rows]
+        mask, positions, pads = virtual_prefill([len(p) for p in prompts], n, in_cache=in_cache, device=self.device)
+        ids = torch.tensor([[self.pad_id] * p + prompt for p, prompt in zip(pads, prompts)], device=self.device)
         cache, embeds = DynamicCache(), None
         if in_cache:  # each layer's cache starts with the learned keys and values
             for layer, (k, v) in enumerate(zip(virtual.keys, virtual.values)):
@@ -87,10 +92,20 @@ class Lane:
             embeds = torch.stack([torch.cat([tokens[i, :p], learned, tokens[i, p:]]) for i, p in enumerate(pads)])
             ids = None
         logits = self.forward(ids, mask, positions, cache, [r.peft_name for r in rows], embeds)
-        for r in rows:
-            r.position = n + len(r.prompt_ids)
+        for r, prompt in zip(rows, prompts):
+            r.position = n + len(prompt)
         self._stack(rows, cache, mask)
         return logits
+
+    def head(self, row: Row, length: int):
+        """Return a row's first `length` cached positions (virtual tokens included) as prefix-style VirtualTokens."""
+        from peftkit.serving.kinds import VirtualTokens
+
+        i = next(i for i, r in enumerate(self.rows) if r is row)
+        columns = self.mask[i].nonzero().flatten()[:length]  # the row's own positions, in order, wherever padding sits
+        keys = tuple(layer.keys[i][:, columns] for layer in self.cache.layers)  # indexing copies: the lane may change
+        values = tuple(layer.values[i][:, columns] for layer in self.cache.layers)
+        return VirtualTokens("prefix", length, keys=keys, values=values)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Return the next-token logits of every row after feeding each row its latest token."""
@@ -120,6 +135,10 @@ class Lane:
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
 
+    def clear(self) -> None:
+        """Drop every row and the cache (when the lane's state can no longer be trusted)."""
+        self.rows, self.cache, self.mask = [], None, None
+
     def _stack(self, rows: list[Row], cache, mask: torch.Tensor) -> None:
         if not self.rows:
             self.rows, self.cache, self.mask = list(rows), cache, mask
@@ -133,6 +152,51 @@ class Lane:
         for layer, (keys, values) in zip(self.cache.layers, stacked):
             layer.keys, layer.values = keys, values
         self.rows.extend(rows)
+
+
+class SoloLane(Lane):
+    """A lane whose rows never share a forward (--batch-invariant): each runs alone, batch of one, on its own cache.
+
+    A row's every forward then has the shapes, kernels and reduction orders it would have were it the only request,
+    so its answer cannot depend on its batch-mates or on padding, in any dtype and on any machine. Batching's
+    throughput is what it costs (docs/serving.md).
+    """
+
+    solo = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lanes: list[Lane] = []  # one single-row Lane per row, in the order of self.rows
+
+    def add(self, rows: list[Row]) -> torch.Tensor:
+        """Return the next-token logits of the new rows, each prefilled alone."""
+        lanes, logits = [], []
+        for row in rows:
+            lane = Lane(self.forward, self.pad_id, self.device, embed=self.embed)
+            logits.append(lane.add([row]))
+            lanes.append(lane)
+        self.lanes += lanes  # only once every row is prefilled: a failure leaves the lane as it was
+        self.rows += rows
+        return torch.cat(logits)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Return the next-token logits of every row, each fed its latest token alone."""
+        return torch.cat([lane.step([token]) for lane, token in zip(self.lanes, tokens)])
+
+    def remove(self, leaving: list[Row]) -> None:
+        """Drop rows from the lane (finished or cancelled), with their caches."""
+        gone = {id(r) for r in leaving}
+        self.lanes = [lane for lane in self.lanes if id(lane.rows[0]) not in gone]
+        self.rows = [lane.rows[0] for lane in self.lanes]
+
+    def head(self, row: Row, length: int):
+        """Return a row's first `length` cached positions as prefix-style VirtualTokens."""
+        return next(lane for lane in self.lanes if lane.rows[0] is row).head(row, length)
+
+    def clear(self) -> None:
+        """Drop every row and cache."""
+        super().clear()
+        self.lanes = []
 
 
 def _left_pad(kv: torch.Tensor, width: int) -> torch.Tensor:

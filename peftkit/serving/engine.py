@@ -131,8 +131,9 @@ class Engine:
         self.model = load_base(settings.base, dtype=settings.dtype, device=settings.device).eval()
         self.adapters.attach(self.model)
         self.runtime = runtime_choice(settings, self.model)
-        log.info("serving in %s (%s) with %d torch threads (%s)", self.runtime["dtype"], self.runtime["dtype_source"],
-                 self.runtime["threads"], self.runtime["threads_source"])
+        log.info("serving in %s (%s) with %d torch threads (%s)%s", self.runtime["dtype"], self.runtime["dtype_source"],
+                 self.runtime["threads"], self.runtime["threads_source"],
+                 "; batch-invariant: each request runs its own forwards" if settings.batch_invariant else "")
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         self.vocab_size = int(self.model.config.vocab_size)
         element = torch.empty((), dtype=self.model.dtype).element_size()
@@ -148,6 +149,8 @@ class Engine:
                                  element_size=element)
         self._scheduler = Scheduler(settings, self.adapters, self.memory, self.resolver, self.model, self.tokenizer.pad_token_id,
                                     self.stats, self.batch_sizes)
+        log.info("prompt-prefix cache: %s", f"{self._scheduler.prefixes.max_bytes / (1 << 20):.0f} MiB of that budget"
+                 if self._scheduler.prefixes.enabled else "off")
 
     # ------------------------------------------------------------ requests
 
@@ -201,7 +204,8 @@ class Engine:
                 "kv_cache_reserved_bytes": scheduler.reserved_bytes() if scheduler else 0,
                 "kv_cache_bytes_per_token": memory.per_token, "adapter_weight_bytes": cache.loaded_bytes(),
                 "finished": {k[len("finished_"):]: v for k, v in stats.items() if k.startswith("finished_")},
-                "batch_sizes": dict(self.batch_sizes), "runtime": dict(self.runtime)}
+                "batch_sizes": dict(self.batch_sizes), "runtime": dict(self.runtime),
+                **(prefix_counts(scheduler.prefixes) if scheduler else dict.fromkeys(PREFIX_KEYS, 0))}
 
     def _prepare(self, request: GenerationRequest, on_event) -> tuple[Row, Handle, Profile]:
         request.check()
@@ -278,6 +282,15 @@ class Engine:
             self._scheduler.fail_all(error, pending)
 
 
+PREFIX_KEYS = ("prefix_cache_hits", "prefix_cache_misses", "prefix_cache_tokens_saved", "prefix_cache_bytes",
+               "prefix_cache_entries")
+
+
+def prefix_counts(prefixes) -> dict[str, int]:
+    """Return the prompt-prefix cache's counters and gauges for snapshot()."""
+    return dict(zip(PREFIX_KEYS, (prefixes.hits, prefixes.misses, prefixes.tokens_saved, prefixes.bytes, len(prefixes))))
+
+
 def runtime_choice(settings: ServeSettings, model) -> dict[str, Any]:
     """Return the dtype and thread count the engine runs with and why; on a CPU without --threads, measure the threads.
 
@@ -294,4 +307,5 @@ def runtime_choice(settings: ServeSettings, model) -> dict[str, Any]:
         torch.set_num_threads(probe["threads"])
         source = "measured: a decode-sized matmul took " + ", ".join(f"{ms} ms with {n}" for n, ms in probe["ms"].items())
     return {"dtype": str(model.dtype).removeprefix("torch."), "dtype_source": dtype_source(settings.dtype, model.dtype),
-            "threads": torch.get_num_threads(), "threads_source": source}
+            "threads": torch.get_num_threads(), "threads_source": source,
+            "batch_invariant": settings.batch_invariant}

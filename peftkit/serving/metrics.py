@@ -21,7 +21,10 @@ ENGINE_COUNTERS = {"adapter_cache_hits": "Requests whose adapter was already loa
                    "adapter_cache_misses": "Requests that loaded their adapter",
                    "adapter_cache_evictions": "Adapters unloaded to make room",
                    "generated_tokens": "Tokens generated, all requests",
-                   "forward_passes": "Model forward passes (prefill and decode steps)"}
+                   "forward_passes": "Model forward passes (prefill and decode steps)",
+                   "prefix_cache_hits": "Requests that started from a cached prompt head",
+                   "prefix_cache_misses": "Requests that found no cached prompt head",
+                   "prefix_cache_tokens_saved": "Prompt tokens not prefilled because their keys and values were cached"}
 ENGINE_GAUGES = {"adapters_loaded": "Adapters loaded in the model now",
                  "adapter_cache_capacity": "Most adapters kept loaded (--max-loaded-adapters)",
                  "running_requests": "Requests generating now (rows in the batch)",
@@ -30,7 +33,9 @@ ENGINE_GAUGES = {"adapters_loaded": "Adapters loaded in the model now",
                  "kv_cache_budget_bytes": "Memory KV caches and loaded adapters may use (--kv-cache-mib / --kv-cache-fraction)",
                  "kv_cache_reserved_bytes": "KV-cache memory the running requests can reach (rows x widest row, per batch)",
                  "kv_cache_bytes_per_token": "KV-cache bytes of one cached token of one request",
-                 "adapter_weight_bytes": "Memory the loaded adapters' weights take (a full fine-tune is a whole model)"}
+                 "adapter_weight_bytes": "Memory the loaded adapters' weights take (a full fine-tune is a whole model)",
+                 "prefix_cache_bytes": "Memory the cached prompt heads take (part of the KV-cache budget)",
+                 "prefix_cache_entries": "Prompt heads cached now"}
 
 
 class Metrics:

@@ -21,11 +21,12 @@ import torch
 
 from peftkit.methods.catalog import VIRTUAL
 from peftkit.serving.adapters import Profile, Resolver
-from peftkit.serving.batcher import Lane, Row, pick_tokens
+from peftkit.serving.batcher import Lane, Row, SoloLane, pick_tokens
 from peftkit.serving.errors import (AdapterMismatchError, AdapterUnavailableError, GenerationFailedError, MemoryBudgetError,
                                     ServingError)
 from peftkit.serving.loaded import MIXED, LoadedAdapters
 from peftkit.serving.memory import MIB, Budget
+from peftkit.serving.prefix_cache import PrefixCache
 from peftkit.serving.requests import Event, Handle
 from peftkit.serving.settings import ServeSettings
 
@@ -46,6 +47,7 @@ class Scheduler:
         self.lanes: dict[str, Lane] = {}
         self.progress_at = time.monotonic()
         """When a forward last finished or an adapter was loaded (what /health's stuck check reads)."""
+        self.prefixes = PrefixCache(prefix_cache_bytes(settings, memory), memory.per_token)
 
     def running(self) -> int:
         """Return the rows being generated now (safe from any thread)."""
@@ -67,7 +69,7 @@ class Scheduler:
             if not full and joining and prefill + len(row.prompt_ids) > self.settings.max_prefill_tokens:
                 full = blocked = True  # this step's prefill budget is spent: the rows decoding get their token first
             placed = "full" if full else self._try_place(row, profile, joining)
-            prefill += len(row.prompt_ids) if placed == "joined" else 0
+            prefill += len(row.prompt_ids) - row.cached if placed == "joined" else 0
             if placed != "joined" and placed != "failed":
                 still_waiting.append((row, handle, profile))
                 blocked = blocked or placed == "memory"  # first come, first served: a large request is not starved
@@ -75,9 +77,11 @@ class Scheduler:
         for (name, _), rows in joining.items():
             lane = self.lanes.get(name)
             if lane is None:
-                lane = self.lanes[name] = Lane(self.adapters.forward_for(name), self.pad_id, self.model.device,
+                kind = SoloLane if self.settings.batch_invariant else Lane
+                lane = self.lanes[name] = kind(self.adapters.forward_for(name), self.pad_id, self.model.device,
                                                embed=self.model.get_input_embeddings())
             self._run_lane(lane, rows, lambda: lane.add(rows))
+            self._keep_heads(lane, rows)
 
     def _try_place(self, row: Row, profile: Profile, joining: dict) -> str:
         """Return "joined" (the row prefills this step), "memory" or "slot" (it waits), or "failed" (it was finished)."""
@@ -90,6 +94,7 @@ class Scheduler:
     def _place(self, row: Row, profile: Profile, joining: dict) -> str:
         lane = MIXED if profile.key is None or (profile.mixable and self.settings.mix) else profile.key
         kv, cache = self._kv_bytes_with(lane, row, joining), self.adapters.cache
+        self.prefixes.shrink(self.memory.total - kv - cache.pinned_bytes(profile))  # cached heads go before a row waits
         if kv + cache.pinned_bytes(profile) > self.memory.total:
             if not self.lanes and not joining:  # alone and still too big (its adapter weighs more than estimated)
                 raise MemoryBudgetError(f"this request's KV cache ({row.reserve} positions) and adapter {profile.ref} "
@@ -100,7 +105,7 @@ class Scheduler:
             # Its checkout went away (a registry remove of another name for the same files): look it up again.
             self.resolver.forget(profile.key)
             profile = self.resolver.resolve(profile.ref)
-        cache.make_room(self.memory.total - kv, profile)
+        cache.make_room(self.memory.total - kv - self.prefixes.bytes, profile)
         if profile.key is not None:
             if not cache.acquire(profile):  # every loaded adapter is in use: wait for a slot
                 return "slot"
@@ -108,9 +113,25 @@ class Scheduler:
             self.progress_at = time.monotonic()
         if profile.kind == VIRTUAL:
             row.virtual = self.adapters.virtual[profile.key]
-        # Rows prefilled together share their virtual tokens (or have none).
-        joining.setdefault((lane, profile.key if profile.kind == VIRTUAL else None), []).append(row)
+        hit = self.prefixes.lookup(row.adapter, row.prompt_ids)
+        if hit is not None:  # its head's keys and values (after any virtual tokens) are cached: prefill the rest
+            row.virtual, row.cached = hit.start, hit.tokens
+        # Rows prefilled together share their virtual tokens and cached head (or have none).
+        joining.setdefault((lane, id(row.virtual) if row.virtual is not None else None), []).append(row)
         return "joined"
+
+    def _keep_heads(self, lane: Lane, rows: list[Row]) -> None:
+        """Keep the heads these rows' prompts share with their adapters' previous prompts (peftkit.serving.prefix_cache)."""
+        for row in rows:
+            length = self.prefixes.worth_keeping(row.adapter, row.prompt_ids, row.cached)
+            if not length or row not in lane.rows:  # nothing new to keep, or the row already finished
+                continue
+            virtual = row.virtual.length - row.cached if row.virtual is not None else 0  # the adapter's own tokens
+            room = self.memory.total - self.reserved_bytes() - self.adapters.cache.loaded_bytes()
+            try:
+                self.prefixes.put(row.adapter, row.prompt_ids[:length], lane.head(row, virtual + length), room)
+            except Exception:  # noqa: BLE001 - a head not kept costs a later prefill, never this request
+                log.exception("keeping a prompt head failed")
 
     def _kv_bytes_with(self, lane_name: str, row: Row, joining: dict) -> int:
         """Return the KV bytes every lane could reach with this row added to its lane."""
@@ -157,8 +178,12 @@ class Scheduler:
             self._fail_rows(lane, fed, GenerationFailedError(f"generation failed: {type(exc).__name__}: {exc}"))
             return
         self.progress_at = time.monotonic()
-        self.stats["steps"] += 1
-        self.batch_sizes[len(fed)] += 1
+        if lane.solo:  # one forward per row
+            self.stats["steps"] += len(fed)
+            self.batch_sizes[1] += len(fed)
+        else:
+            self.stats["steps"] += 1
+            self.batch_sizes[len(fed)] += 1
         finished = []
         for row, token in zip(fed, tokens):
             try:
@@ -229,7 +254,7 @@ class Scheduler:
             log.exception("removing rows from a batch failed")
             for row in lane.rows:
                 self.finish(row, "error", GenerationFailedError(f"generation failed: {type(exc).__name__}: {exc}"))
-            lane.rows, lane.cache, lane.mask = [], None, None
+            lane.clear()
 
     def fail_all(self, error: ServingError, pending: list[Waiting] = ()) -> None:
         """Fail every row running or waiting, and the pending ones given (never picked up)."""
@@ -240,3 +265,13 @@ class Scheduler:
         self.lanes.clear()
         for row in rows:
             self.finish(row, "error", error)
+
+
+def prefix_cache_bytes(settings: ServeSettings, memory: Budget) -> int:
+    """Return the bytes cached prompt heads may take: --prefix-cache-mib, else an eighth of the memory budget; none in
+    --batch-invariant mode (a cached head would make a row's answer depend on the requests before it)."""
+    if settings.batch_invariant:
+        return 0
+    if settings.prefix_cache_mib is not None:
+        return int(settings.prefix_cache_mib * MIB)
+    return memory.total // 8

@@ -35,6 +35,12 @@ class ServeSettings:
     """Requests generated together per step."""
     max_prefill_tokens: int = 512
     """Prompt tokens prefilled in one step at most (the first joining request always goes): requests beyond wait a step, so a burst of new requests does not freeze the ones decoding."""
+    prefix_cache_mib: float | None = None
+    """Memory in MiB for the keys and values of prompt heads that repeat (the chat template's system turn), so requests
+    prefill only the rest of their prompt; counted in the memory budget (default: an eighth of it; 0 turns it off)."""
+    batch_invariant: bool = False
+    """Compute every request's forward so its answer does not depend on the other requests in its batch, in any dtype
+    (bf16 included); costs throughput (docs/serving.md says how much) and turns the prompt-prefix cache off."""
     max_messages: int = 1024
     """Most messages in one chat request; more get 400 before the chat template is rendered."""
     max_prompt_chars: int | None = None

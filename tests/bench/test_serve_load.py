@@ -13,13 +13,15 @@ import pytest
 from peftkit.bench import serve_load
 from peftkit.bench.naive_generate import run_naive
 
-SCENARIOS = ["naive", "single", "mixed 8", "mixed 10", "every method", "one batch per adapter"]
+SCENARIOS = ["naive", "single", "mixed 8", "mixed 10", "every method", "one batch per adapter", "no prefix cache 8",
+             "batch-invariant 8"]
 
 
 def test_one_run_measures_every_scenario_beside_the_naive_loop(tiny_model_dir, tmp_path, capsys):
     out_json, out_md = tmp_path / "load.json", tmp_path / "load.md"
     rc = serve_load.main(["--base", str(tiny_model_dir), "--adapters", "10", "--rank", "4", "--requests", "10",
                           "--concurrency", "4", "--max-tokens", "4", "--dtype", "fp32", "--methods",
+                          "--compare-prefix-cache", "--batch-invariant",
                           "--json", str(out_json), "--markdown", str(out_md)])
     assert rc == 0
     saved = json.loads(out_json.read_text())
@@ -30,13 +32,15 @@ def test_one_run_measures_every_scenario_beside_the_naive_loop(tiny_model_dir, t
         assert r["completion_tokens"] == 10 * 4, label  # the naive loop counts tokens as the server does
         assert 0 < r["ttft_p50_s"] <= r["p50_s"] and r["ttft_p99_s"] <= r["p99_s"], label
         assert 0 < r["tpot_p50_s"] <= r["tpot_p99_s"] <= r["p99_s"], label
-    assert [results[s]["models"] for s in SCENARIOS] == [8, 1, 8, 10, 8, 8]
+    assert [results[s]["models"] for s in SCENARIOS] == [8, 1, 8, 10, 8, 8, 8, 8]
     assert results["naive"]["batch_rows_mean"] == 1
     # Four requests in flight: the server answers them in shared forwards, LoRA, prefix and prompt rows alike.
     assert results["mixed 8"]["batch_rows_mean"] > 1 and results["every method"]["batch_rows_mean"] > 1
+    assert results["batch-invariant 8"]["batch_rows_mean"] == 1  # every row runs its own forwards
     assert set(saved["ratios"]) == {"mixed 8 / single tok/s", "mixed 10 / single tok/s", "peftkit single / naive tok/s",
                                     "peftkit mixed 8 / naive tok/s", "naive / peftkit single TTFT p50",
-                                    "naive / peftkit mixed 8 TTFT p50"}
+                                    "naive / peftkit mixed 8 TTFT p50", "no prefix cache / mixed 8 TTFT p50",
+                                    "mixed 8 / no prefix cache tok/s", "batch-invariant 8 / mixed 8 tok/s"}
     assert all(v > 0 for v in saved["ratios"].values())
     printed = capsys.readouterr().out
     assert "TTFT p50 ms" in printed and "TPOT p99 ms" in printed and "peftkit mixed 8 / naive tok/s:" in printed
