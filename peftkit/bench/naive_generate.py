@@ -67,13 +67,13 @@ def load_naive(base: str, registry: str, names: list[str], dtype: str):
     return model.eval(), tokenizer, stops
 
 
-def generate_one(model, tokenizer, stops: list[int], name: str, prompt: str, max_tokens: int, sent: float) -> Timing:
+def generate_one(model, tokenizer, stops: list[int], name: str, messages: list[dict], max_tokens: int, sent: float) -> Timing:
     """Return the Timing of one greedy generate with adapter `name` active."""
     import torch
     from transformers import GenerationConfig
 
     model.set_adapter(name)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                            return_dict=True, return_tensors="pt").to(model.device)
     config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=list(stops),
                               pad_token_id=tokenizer.pad_token_id)
@@ -85,9 +85,19 @@ def generate_one(model, tokenizer, stops: list[int], name: str, prompt: str, max
     return Timing(sent, clock.times[1], clock.times[-1], done, out.shape[1] - inputs["input_ids"].shape[1])
 
 
+def request(i: int, models: list[str], prompts: list[str], system: str | None = None) -> tuple[str, list[dict]]:
+    """Return request i's (model, chat messages), the same for the server and the naive loop: models in turn, and
+    prompts shifted by one each round, so no adapter is always sent the same prompt (a prompt-prefix cache would
+    flatter it); every request starts with the system message when one is given."""
+    prompt = prompts[(i % len(models) + i // len(models)) % len(prompts)]
+    return models[i % len(models)], ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+
+
 def run_naive(base: str, registry: str, models: list[str], prompts: list[str], *, requests: int, concurrency: int,
-              max_tokens: int, max_seconds: float, dtype: str = "auto", threads: int | None = None) -> tuple[list[Timing], float, int]:
-    """Return (timings, wall seconds, unsent requests) for request i = prompts[i % len] to models[i % len], served serially."""
+              max_tokens: int, max_seconds: float, dtype: str = "auto", threads: int | None = None,
+              system: str | None = None) -> tuple[list[Timing], float, int]:
+    """Return (timings, wall seconds, unsent requests) for request(i, models, prompts), i < requests, served serially."""
     import torch
 
     previous = torch.get_num_threads()
@@ -97,15 +107,15 @@ def run_naive(base: str, registry: str, models: list[str], prompts: list[str], *
         adapters = list(dict.fromkeys(models))
         model, tokenizer, stops = load_naive(base, registry, adapters, dtype)
         for name in adapters:  # load and first-call costs are not what this measures (the server is warmed too)
-            generate_one(model, tokenizer, stops[name], name, prompts[0], 2, time.perf_counter())
+            generate_one(model, tokenizer, stops[name], name, request(0, [name], prompts, system)[1], 2, time.perf_counter())
         timings: list[Timing] = []
         started = time.perf_counter()
         for i in range(requests):
             sent = started if i < concurrency else timings[i - concurrency].done
             if time.perf_counter() >= started + max_seconds:
                 break
-            name = models[i % len(models)]
-            timings.append(generate_one(model, tokenizer, stops[name], name, prompts[i % len(prompts)], max_tokens, sent))
+            name, messages = request(i, models, prompts, system)
+            timings.append(generate_one(model, tokenizer, stops[name], name, messages, max_tokens, sent))
         wall = time.perf_counter() - started
         return timings, wall, requests - len(timings)
     finally:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from peftkit.bench.naive_generate import Timing
+from peftkit.bench.naive_generate import Timing, request
 from peftkit.bench.serve_report import summarize
 from peftkit.methods.catalog import CATALOG, LORA
 
@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the baseline of transformers generate one request at a time with peft set_adapter")
     p.add_argument("--methods", action="store_true",
                    help="add a scenario over adapters of every method (prefix, prompt, DoRA, IA3, bottleneck, full)")
+    p.add_argument("--system-words", type=int, default=0,
+                   help="start every request with a system message of this many words (one text for all: a long "
+                        "shared system prompt, as chat deployments have)")
     p.add_argument("--compare-prefix-cache", action="store_true",
                    help='add "no prefix cache 8": mixed 8 on a server with the prompt-prefix cache off')
     p.add_argument("--batch-invariant", action="store_true",
@@ -67,6 +70,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+SYSTEM = ("You are the support assistant of Fernhill Outfitters, a shop for tents, boots, packs, stoves and "
+          "sleeping bags. Answer in two sentences at most, name the product, quote prices in euros, never promise "
+          "delivery dates, point to the returns page for returns, and ask for the order number when one is needed.")
+
+
+def system_prompt(args) -> str | None:
+    """Return the shared system message of --system-words words (SYSTEM repeated), or None without it."""
+    if not args.system_words:
+        return None
+    words = SYSTEM.split()
+    return " ".join(words[i % len(words)] for i in range(args.system_words))
+
+
 def check_loopback(url: str) -> None:
     """Refuse any target that is not this machine: the load script never sends traffic elsewhere."""
     from peftkit.serving.server import is_loopback
@@ -76,7 +92,7 @@ def check_loopback(url: str) -> None:
 
 
 async def run_scenario(url: str, api_key: str | None, models: list[str], requests: int, concurrency: int,
-                       max_tokens: int, max_seconds: float) -> dict:
+                       max_tokens: int, max_seconds: float, system: str | None = None) -> dict:
     """Return summarize()'s figures for `requests` streamed chat requests over `models`, `concurrency` in flight."""
     import httpx
 
@@ -88,10 +104,9 @@ async def run_scenario(url: str, api_key: str | None, models: list[str], request
 
     async def worker(client: httpx.AsyncClient) -> None:
         while queue and time.perf_counter() < deadline:
-            i = queue.pop(0)
-            body = {"model": models[i % len(models)], "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True},
-                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+            model, messages = request(queue.pop(0), models, PROMPTS, system)
+            body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}, "messages": messages}
             try:
                 timing, error = await stream_one(client, body, max(1.0, deadline - time.perf_counter()))
             except httpx.HTTPError as exc:
@@ -214,11 +229,14 @@ def serve_and_measure(args, registry: str, names: list[str], scenarios: list[tup
         warm = [args.base] + served  # load every adapter once: loading is not what this measures
         asyncio.run(run_scenario(server.url, None, warm, len(warm), 1, 2, args.max_seconds))
         engine.batch_sizes.clear()  # so the first scenario's rows per forward leave the warm-up out
-        out = {}
+        out, hits = {}, engine.snapshot()["prefix_cache_hits"]
         for label, models in scenarios:
             out[label] = asyncio.run(run_scenario(server.url, None, models, args.requests, args.concurrency,
-                                                  args.max_tokens, args.max_seconds))
-            out[label]["batch_rows_mean"] = _mean_batch(engine.snapshot()["batch_sizes"])
+                                                  args.max_tokens, args.max_seconds, system_prompt(args)))
+            snap = engine.snapshot()
+            out[label]["batch_rows_mean"] = _mean_batch(snap["batch_sizes"])
+            out[label]["prefix_cache_hits"] = snap["prefix_cache_hits"] - hits  # requests that started from a cached head
+            hits = snap["prefix_cache_hits"]
             engine.batch_sizes.clear()
         return out
     finally:
@@ -276,7 +294,8 @@ def naive_scenario(args, registry: str, names: list[str]) -> dict:
 
     timings, wall, unsent = run_naive(args.base, registry, names, PROMPTS, requests=args.requests,
                                       concurrency=args.concurrency, max_tokens=args.max_tokens,
-                                      max_seconds=args.max_seconds, dtype=args.dtype, threads=args.threads)
+                                      max_seconds=args.max_seconds, dtype=args.dtype, threads=args.threads,
+                                      system=system_prompt(args))
     gc.collect()  # free its copy of the base before the server loads one
     return summarize(timings, wall, names, args.requests, unsent, {}) | {"batch_rows_mean": 1.0}
 
@@ -291,12 +310,13 @@ def main(argv=None) -> int:
         if not models:
             raise SystemExit("--url needs --models a,b,c")
         results = {"custom": asyncio.run(run_scenario(args.url, args.api_key, models, args.requests, args.concurrency,
-                                                      args.max_tokens, args.max_seconds))}
+                                                      args.max_tokens, args.max_seconds, system_prompt(args)))}
     else:
         results = measure_local(args)
     header = [f"machine: {machine()}",
               f"base {args.base}, {args.requests} requests per scenario, concurrency {args.concurrency}, max_tokens "
-              f"{args.max_tokens}, temperature 0, engine threads {args.threads or 'default'}, dtype {args.dtype}"]
+              f"{args.max_tokens}, temperature 0, engine threads {args.threads or 'default'}, dtype {args.dtype}, system "
+              f"message {args.system_words} words"]
     print("\n".join(header + [text_table(results)] + ratio_lines(results)))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"machine": machine(), "args": vars(args), "results": results,

@@ -3,8 +3,10 @@
 Every chat request of an adapter starts with the same tokens: the template's header and the adapter's system prompt
 (a few-shot completion prompt is the same story). Prefilling them again for each request is most of a short request's
 time to first token on a CPU. The cache learns which heads repeat from the prompts themselves, knowing nothing of
-templates: when a prompt shares at least `min_tokens` leading tokens with the previous prompt of the same adapter,
-the keys and values of those tokens are copied out of the row's own cache right after its prefill. A later prompt
+templates: when a prompt shares at least `min_tokens` leading tokens with the previous prompt of the same adapter, or
+with the previous prompt of any adapter (adapters served together tend to share a system prompt, so an adapter's first
+request already keeps its head), the keys and values of those tokens are copied out of the row's own cache right after
+its prefill. A later prompt
 starting with a kept head joins its lane with the head already in its cache, exactly as a prefix-tuning adapter's
 virtual tokens do (peftkit.methods.prompt.virtual_prefill places them), and prefills only the rest. At least one
 token is always prefilled: its logits give the first generated token.
@@ -43,7 +45,7 @@ class PrefixCache:
         self.min_tokens = min_tokens
         self._entries: collections.OrderedDict[tuple[str, tuple[int, ...]], VirtualTokens] = collections.OrderedDict()
         self._lengths: dict[str, collections.Counter] = {}  # adapter -> head lengths cached -> entries of that length
-        self._last: dict[str, tuple[int, ...]] = {}  # adapter -> the last prompt prefilled for it
+        self._last: dict[str | None, tuple[int, ...]] = {}  # adapter -> its last prompt prefilled; None -> anyone's
         self.bytes = 0
         self.hits = self.misses = self.tokens_saved = 0
 
@@ -75,20 +77,15 @@ class PrefixCache:
     def worth_keeping(self, adapter: str, prompt: list[int], cached: int) -> int:
         """Return the head length to keep after this prompt's prefill (0 for none), and remember the prompt.
 
-        The head is what the prompt shares with the adapter's previous prompt, less its last token (so the same prompt
-        sent again still has a token to prefill); it is kept when it is new, long enough and longer than the head the
-        prompt already started from (`cached`).
+        The head is the most the prompt shares with the adapter's previous prompt or the previous prompt of any
+        adapter, less its last token (so the same prompt sent again still has a token to prefill); it is kept when
+        it is new, long enough and longer than the head the prompt already started from (`cached`).
         """
         if not self.enabled:
             return 0
         prompt = tuple(prompt)
-        last = self._last.get(adapter, ())
-        self._last[adapter] = prompt
-        shared = 0
-        for a, b in zip(prompt, last):
-            if a != b:
-                break
-            shared += 1
+        shared = max(_common(prompt, self._last.get(adapter, ())), _common(prompt, self._last.get(None, ())))
+        self._last[adapter] = self._last[None] = prompt
         length = min(shared, len(prompt) - 1)
         if length < self.min_tokens or length <= cached or (adapter, prompt[:length]) in self._entries:
             return 0
@@ -116,3 +113,13 @@ class PrefixCache:
             if not lengths[len(head)]:
                 del lengths[len(head)]
             self.bytes -= start.length * self.per_token
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Return how many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -21,7 +21,7 @@ def test_one_run_measures_every_scenario_beside_the_naive_loop(tiny_model_dir, t
     out_json, out_md = tmp_path / "load.json", tmp_path / "load.md"
     rc = serve_load.main(["--base", str(tiny_model_dir), "--adapters", "10", "--rank", "4", "--requests", "10",
                           "--concurrency", "4", "--max-tokens", "4", "--dtype", "fp32", "--methods",
-                          "--compare-prefix-cache", "--batch-invariant",
+                          "--compare-prefix-cache", "--batch-invariant", "--system-words", "30",
                           "--json", str(out_json), "--markdown", str(out_md)])
     assert rc == 0
     saved = json.loads(out_json.read_text())
@@ -37,6 +37,8 @@ def test_one_run_measures_every_scenario_beside_the_naive_loop(tiny_model_dir, t
     # Four requests in flight: the server answers them in shared forwards, LoRA, prefix and prompt rows alike.
     assert results["mixed 8"]["batch_rows_mean"] > 1 and results["every method"]["batch_rows_mean"] > 1
     assert results["batch-invariant 8"]["batch_rows_mean"] == 1  # every row runs its own forwards
+    assert results["mixed 8"]["prefix_cache_hits"] > 0  # the template's header and system turn repeat
+    assert results["no prefix cache 8"]["prefix_cache_hits"] == results["batch-invariant 8"]["prefix_cache_hits"] == 0
     assert set(saved["ratios"]) == {"mixed 8 / single tok/s", "mixed 10 / single tok/s", "peftkit single / naive tok/s",
                                     "peftkit mixed 8 / naive tok/s", "naive / peftkit single TTFT p50",
                                     "naive / peftkit mixed 8 TTFT p50", "no prefix cache / mixed 8 TTFT p50",
@@ -48,6 +50,16 @@ def test_one_run_measures_every_scenario_beside_the_naive_loop(tiny_model_dir, t
     table = out_md.read_text().splitlines()
     assert table[0].startswith("| scenario | adapters | ok | errors | req/s | tok/s | TTFT p50 ms |")
     assert [row.split(" | ")[0] for row in table[2:2 + len(SCENARIOS)]] == [f"| {s}" for s in SCENARIOS]
+
+
+def test_every_adapter_is_sent_every_prompt_in_turn():
+    from peftkit.bench.naive_generate import request
+
+    models, prompts = ["a", "b"], ["p", "q", "r"]
+    sent = [(m, messages[-1]["content"]) for m, messages in (request(i, models, prompts) for i in range(12))]
+    assert [m for m, _ in sent] == ["a", "b"] * 6
+    assert {p for m, p in sent if m == "a"} == {p for m, p in sent if m == "b"} == set(prompts)
+    assert request(3, models, prompts, "Be brief.")[1][0] == {"role": "system", "content": "Be brief."}
 
 
 def test_naive_loop_answers_one_request_at_a_time_as_clients_send_them(tiny_model_dir, tmp_path):

@@ -38,6 +38,13 @@ def test_a_head_is_kept_once_two_prompts_share_it_and_found_by_the_next():
     assert cache.worth_keeping("a", third, 4) == 0  # it already started from that head
 
 
+def test_an_adapters_first_prompt_keeps_the_head_it_shares_with_another_adapters_prompt():
+    cache = PrefixCache(max_bytes=1000, bytes_per_token=1, min_tokens=3)
+    cache.worth_keeping("a", [1, 2, 3, 4, 5], 0)
+    assert cache.worth_keeping("b", [1, 2, 3, 4, 9, 9], 0) == 4  # b's own keys and values, kept on its first prompt
+    assert cache.worth_keeping("a", [1, 2, 3, 4, 5, 6, 7], 0) == 5  # a's own previous prompt shares more
+
+
 def test_the_same_prompt_again_keeps_all_but_its_last_token():
     cache = PrefixCache(max_bytes=1000, bytes_per_token=1, min_tokens=3)
     prompt = [5, 6, 7, 8, 9]
