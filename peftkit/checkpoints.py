@@ -24,7 +24,7 @@ RUN_STATE = "run.json"
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.save_steps", "train.save_total_limit",
                      "train.logging_steps", "train.eval_steps", "train.output_dir", "registry.register",
                      "registry.path", "registry.tags", "registry.domain", "data.cache_dir", "eval.generate",
-                     "eval.max_new_tokens", "eval.examples")
+                     "eval.max_new_tokens", "eval.examples", "train.report_to", "model.offline", "data.offline")
 
 
 class DiskFullError(PeftkitError):

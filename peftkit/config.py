@@ -36,7 +36,9 @@ class ModelConfig:
     dtype: str = "auto"
     """Weights and compute dtype: auto (bf16 where the hardware runs it fast, CPUs with AMX included), bf16, fp16, fp32."""
     revision: str | None = None
-    """Hub revision (branch, tag or commit) when model.name is a hub id."""
+    """Hub revision (branch, tag or commit) when model.name is a hub id; a commit pins exactly which weights."""
+    offline: bool = False
+    """Never touch the network for the model: a hub id loads only from the local Hugging Face cache (as HF_HUB_OFFLINE=1)."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (default), eager, or flash_attention_2 where installed."""
     trust_remote_code: bool = False
@@ -46,11 +48,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Training data: a .jsonl/.json/.csv/.parquet file or a datasets save_to_disk folder."""
+    """Training data: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk folder, or a Hugging Face Hub dataset id (ORG/NAME)."""
+    split: str = "train"
+    """Split of a hub dataset to train on: train, or a slice such as train[:1000] (data.path or data.sources entries)."""
+    subset: str | None = None
+    """Configuration of a hub dataset that has several (e.g. main for openai/gsm8k)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a hub dataset; a commit pins exactly which rows train."""
+    offline: bool = False
+    """Never touch the network for data: a hub dataset loads only from the local datasets cache (as HF_HUB_OFFLINE=1)."""
     format: str = "auto"
     """Row shape: chat, instruction, completion, text, or auto (detect from the first rows)."""
     sources: list[dict] = field(default_factory=list)
-    """Several sources mixed: a list of {path, weight, format, columns}; used instead of data.path."""
+    """Several sources mixed: a list of {path, weight, format, columns, split, subset, revision}; used instead of data.path."""
     columns: dict[str, str] = field(default_factory=dict)
     """Rename fields to the names a format expects, e.g. {question: instruction, answer: output}."""
     eval_path: str | None = None
@@ -139,6 +149,8 @@ class TrainConfig:
     """Evaluate every this many steps (0: at the end of each epoch only)."""
     logging_steps: int = 5
     """Log the training loss every this many steps."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that get the logged metrics: any of tensorboard (event files in <output_dir>/tensorboard), wandb, mlflow, trackio, or [none]. wandb logs offline unless WANDB_MODE or WANDB_API_KEY is set; mlflow and trackio write into the run folder unless MLFLOW_TRACKING_URI / TRACKIO_DIR say where."""
     seed: int = 42
     """Seed for weight init, data order and dropout."""
 
@@ -187,6 +199,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
 }
 TARGET_PRESETS = ("attention", "all-linear")
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio", "none")
 
 
 def peftkit_home() -> Path:
@@ -394,8 +407,19 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("train.epochs and train.max_steps are both <= 0: set train.epochs=1 or train.max_steps=100")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    if not str(d.split).strip():
+        raise ConfigError("data.split='' must name a split of the hub dataset, e.g. data.split=train or data.split=train[:1000]")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    for tracker in t.report_to:
+        if tracker not in REPORT_TO:
+            hint = difflib.get_close_matches(tracker, REPORT_TO, n=1)
+            also = f" (did you mean {hint[0]}?)" if hint else ""
+            raise ConfigError(f"train.report_to={t.report_to!r}: {tracker!r} is not a tracker{also}; choose from "
+                              f"{', '.join(REPORT_TO)}, e.g. train.report_to=[tensorboard, wandb]")
+    if "none" in t.report_to and len(t.report_to) > 1:
+        raise ConfigError(f"train.report_to={t.report_to!r} mixes none with trackers; use train.report_to=[none] "
+                          "to log to no tracker, or list only the trackers")
     if isinstance(m.target_modules, str) and m.target_modules not in TARGET_PRESETS:
         raise ConfigError(f"method.target_modules={m.target_modules!r} is not a preset; use attention, all-linear or a list such as [q_proj, v_proj]")
     from peftkit.registry.names import NAME_RE, RULE  # the registry's rule: a run registers under its name

@@ -36,8 +36,12 @@ END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>", "</s>")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_model(name: str, revision: str | None = None) -> Path:
-    """Return a local HF model directory for an alias, a directory, a .gguf file or a hub id."""
+def resolve_model(name: str, revision: str | None = None, *, offline: bool = False) -> Path:
+    """Return a local HF model directory for an alias, a directory, a .gguf file or a hub id.
+
+    A hub id comes from the local Hugging Face cache when it is there; offline (model.offline, or
+    HF_HUB_OFFLINE=1) never touches the network and fails, naming the folder looked in, when it is not.
+    """
     if name in BUNDLED:
         return _convert_bundled(name)
     path = Path(name).expanduser()
@@ -51,24 +55,25 @@ def resolve_model(name: str, revision: str | None = None) -> Path:
         return path
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
         raise ModelError(f"model.name={name!r}: no such folder or file")
-    return _download(name, revision)
+    return _download(name, revision, offline)
 
 
-def load_tokenizer(name: str, revision: str | None = None):
+def load_tokenizer(name: str, revision: str | None = None, *, offline: bool = False):
     """Return the tokenizer for a model name, with a pad token that is not EOS."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name, revision))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name, revision, offline=offline))
     set_pad_token(tokenizer)
     return tokenizer
 
 
 def load_base(name: str, *, dtype: str = "auto", quantize_4bit: bool = False, revision: str | None = None,
-              attn_implementation: str = "sdpa", trust_remote_code: bool = False, device: str | None = None):
+              attn_implementation: str = "sdpa", trust_remote_code: bool = False, device: str | None = None,
+              offline: bool = False):
     """Return the base causal LM, in the resolved dtype, optionally 4-bit NF4 quantized."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = resolve_model(name, revision)
+    path = resolve_model(name, revision, offline=offline)
     torch_dtype = resolve_dtype(dtype)
     device = device or default_device()
     kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
@@ -175,19 +180,29 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, offline: bool = False) -> Path:
+    """Return the local snapshot folder of a hub model: the cached copy when there is one, else a download.
+
+    The cache is tried first so a run never waits on (or needs) the network for a model it already has;
+    pin model.revision to a commit to be sure which files those are.
+    """
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    from peftkit import hub
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not in the local cache; try the hub
+    except HFValidationError:
+        raise ModelError(f"model.name={repo_id!r} is no local folder or file, nor a Hugging Face Hub id (ORG/NAME)") from None
+    except LocalEntryNotFoundError:  # not cached, or only partly: the hub has the rest
         pass
+    if (reason := hub.offline_reason(offline, "model.offline")) is not None:
+        raise ModelError(hub.not_cached("model.name", repo_id, revision, reason, hub.model_cache_folder(repo_id), "model"))
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean the same to the user
-        raise ModelError(
-            f"model.name={repo_id!r}: could not download it from the Hugging Face hub ({type(exc).__name__}). "
-            f"Without hub access, download it elsewhere (huggingface-cli download {repo_id} --local-dir DIR), copy DIR here "
-            f"and set model.name=DIR; gated models such as Llama 3.1 also need `huggingface-cli login` where you download"
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; download_problem sorts them
+        problem = hub.download_problem(exc, repo_id, key="model.name", kind="model", revision=revision)
+        raise ModelError(f"{problem}. Without hub access here, download it where you have it (`hf download {repo_id} "
+                         f"--local-dir DIR`), copy DIR here and set model.name=DIR") from None

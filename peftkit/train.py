@@ -47,7 +47,9 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
 
     from peftkit.data import prepare
     from peftkit.models import load_tokenizer, resolve_model
+    from peftkit.progress import check_trackers, quiet_libraries, tracking
 
+    check_trackers(cfg.train.report_to)  # before minutes go into loading data and a model
     out = Path(cfg.train.output_dir)
     checkpoint_dir = out / "checkpoints"
     main = is_main_process()  # under torchrun/accelerate launch only rank 0 writes the run dir
@@ -55,9 +57,9 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         open_run_dir(out, checkpoint_dir)
     set_seed(cfg.train.seed)
 
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, offline=cfg.model.offline)
     prepared = prepare(cfg.data, tokenizer, seed=cfg.train.seed)
-    base_dir = resolve_model(cfg.model.name, cfg.model.revision)
+    base_dir = resolve_model(cfg.model.name, cfg.model.revision, offline=cfg.model.offline)
     state = {"base_fingerprint": base_fingerprint(base_dir), "data_fingerprint": prepared.fingerprint,
              "config": ckpts.flatten(config_to_dict(cfg))}
     start_from = resume_point(out, checkpoint_dir, state, resume=resume, force=force_resume, main=main)
@@ -65,20 +67,22 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         save_config(cfg, out / "config.yaml")
         ckpts.write_run_state(out, status="running", **state)
 
-    model = build_model(cfg)
-    stop = ckpts.GracefulStop()
-    trainer = build_trainer(cfg, model, tokenizer, prepared, checkpoint_dir, stop)
-    started = time.perf_counter()
-    with stop, packed_attention(model, cfg.data.packing):
-        trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
-    wall = time.perf_counter() - started
+    # Trackers read their settings from the environment when the Trainer is built and when they log.
+    with quiet_libraries(), tracking(cfg.train.report_to, out, run_name=cfg.name, main=main):
+        model = build_model(cfg)
+        stop = ckpts.GracefulStop()
+        trainer = build_trainer(cfg, model, tokenizer, prepared, checkpoint_dir, stop)
+        started = time.perf_counter()
+        with stop, packed_attention(model, cfg.data.packing):
+            trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
+        wall = time.perf_counter() - started
+        evaluation = trainer.evaluate() if prepared.eval is not None and not stop.requested else {}
     if stop.requested:
         if main:
             ckpts.write_run_state(out, status="interrupted", step=trainer.state.global_step, **state)
         raise ckpts.TrainingInterrupted(
             f"training stopped by {stop.requested} at step {trainer.state.global_step}; checkpoint saved in "
             f"{ckpts.latest_complete_checkpoint(checkpoint_dir)}. Resume with the same command plus --resume")
-    evaluation = trainer.evaluate() if prepared.eval is not None else {}
 
     metrics = run_metrics(cfg, trainer, model, evaluation, wall=wall, start_from=start_from, data_stats=prepared.stats)
     adapter_dir = out / "adapter"
@@ -164,7 +168,7 @@ def build_model(cfg: RunConfig):
 
     model = load_base(cfg.model.name, dtype=cfg.model.dtype, quantize_4bit=CATALOG[cfg.method.name].quantized_base,
                       revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
-                      trust_remote_code=cfg.model.trust_remote_code)
+                      trust_remote_code=cfg.model.trust_remote_code, offline=cfg.model.offline)
     if cfg.method.init_from:
         model = load_adapter(model, cfg.method.init_from, is_trainable=True)
     else:
@@ -182,11 +186,15 @@ def build_model(cfg: RunConfig):
 
 def build_trainer(cfg: RunConfig, model, tokenizer, prepared, checkpoint_dir: Path, stop):
     """Return the SafeTrainer for the model and prepared data, stopping gracefully on stop's signals."""
+    from transformers import PrinterCallback, ProgressCallback
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+
     from peftkit.data import build_collator
     from peftkit.models import resolve_dtype
+    from peftkit.progress import ProgressLines
     from peftkit.trainer import SafeTrainer, StopOnSignal, token_accuracy, token_predictions
 
-    return SafeTrainer(
+    trainer = SafeTrainer(
         model=model,
         args=training_arguments(cfg, checkpoint_dir, has_eval=prepared.eval is not None,
                                 bf16=resolve_dtype(cfg.model.dtype) == torch.bfloat16),
@@ -194,17 +202,22 @@ def build_trainer(cfg: RunConfig, model, tokenizer, prepared, checkpoint_dir: Pa
         eval_dataset=prepared.eval,
         data_collator=build_collator(tokenizer, packing=cfg.data.packing, attn_implementation=cfg.model.attn_implementation),
         processing_class=tokenizer,
-        callbacks=[StopOnSignal(stop)],
+        callbacks=[StopOnSignal(stop), ProgressLines()],
         compute_metrics=token_accuracy,
         preprocess_logits_for_metrics=token_predictions,
         # Methods that keep the base forward let the loss call the backbone and the vocabulary head separately.
         sparse_logits=CATALOG[cfg.method.name].keeps_base_forward,
     )
+    for stock in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:  # they print raw log dicts
+        trainer.remove_callback(stock)
+    return trainer
 
 
 def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, bf16: bool):
     """Return transformers TrainingArguments for the train section."""
     from transformers import TrainingArguments
+
+    from peftkit.progress import active_trackers
 
     t = cfg.train
     eval_strategy = "no" if not has_eval else ("steps" if t.eval_steps > 0 else "epoch")
@@ -231,7 +244,9 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, 
         logging_first_step=True,
         seed=t.seed,
         bf16=bf16 and torch.cuda.is_available(),  # on CPU the weights are already bf16; autocast adds copies
-        report_to="none",
+        report_to=active_trackers(t.report_to),  # the environment set by progress.tracking says where they write
+        run_name=cfg.name,
+        project="peftkit",  # trackio's project
         remove_unused_columns=False,
         label_names=["labels"],  # PEFT wrappers hide the label argument from transformers' signature check
         use_cpu=not torch.cuda.is_available(),  # also makes torchrun/accelerate launch on CPUs use gloo DDP

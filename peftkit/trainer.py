@@ -21,6 +21,8 @@ class SafeTrainer(Trainer):
     _staging_root: Path | None = None
     tokens_seen: int = 0
     """Real (non-pad) tokens fed to training steps, for tokens-per-second."""
+    _rate_mark: tuple[float, int] | None = None
+    """(time, tokens_seen) when the last training loss was logged, for the tokens/s of each logged interval."""
 
     def __init__(self, *args, sparse_logits: bool = False, **kwargs):
         """sparse_logits: project to the vocabulary only where a label is trained (for methods that keep the base forward)."""
@@ -52,10 +54,21 @@ class SafeTrainer(Trainer):
         return loss / num_items_in_batch * scale
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._rate_mark is None:
+            self._rate_mark = (time.perf_counter(), self.tokens_seen)
         ids = inputs["input_ids"]
         pad = getattr(self.processing_class, "pad_token_id", None)
         self.tokens_seen += int((ids != pad).sum()) if pad is not None else ids.numel()
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Tokens/s since the previous loss log, from the same count as metrics.json: the console line and the trackers show it.
+        if "loss" in logs and self._rate_mark is not None:
+            now, (then, tokens) = time.perf_counter(), self._rate_mark
+            if now > then:
+                logs["tokens_per_second"] = (self.tokens_seen - tokens) / (now - then)
+            self._rate_mark = (now, self.tokens_seen)
+        super().log(logs, start_time)
 
     def _get_output_dir(self, trial):
         if self._staging_root is not None:

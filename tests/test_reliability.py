@@ -186,7 +186,7 @@ def test_sigkill_at_random_points_always_resumes(tiny_overrides, tmp_path):
         reader.start()
         target, deadline = rng.randint(3, 9), time.time() + 240
         while proc.poll() is None and time.time() < deadline:
-            logged = len(re.findall(r"'loss': ", "".join(log_lines)))
+            logged = len(re.findall(r"(?m)^step +\d+/\d+  loss ", "".join(log_lines)))
             staging = list((run / "checkpoints").glob(".staging-*")) if (run / "checkpoints").exists() else []
             if (mid_save and staging and logged >= 3) or (not mid_save and logged >= target):
                 break
@@ -195,7 +195,7 @@ def test_sigkill_at_random_points_always_resumes(tiny_overrides, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         reader.join(timeout=5)
-        done_before_kill = len(re.findall(r"'loss': ", "".join(log_lines)))
+        done_before_kill = len(re.findall(r"(?m)^step +\d+/\d+  loss ", "".join(log_lines)))
         kept = latest_complete_checkpoint(run / "checkpoints")
         kept_step = int(kept.name.split("-")[-1]) if kept else 0
         assert done_before_kill - kept_step <= save_steps, (trial, done_before_kill, kept_step)

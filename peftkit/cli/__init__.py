@@ -17,6 +17,7 @@ GROUPS = (
     "peftkit.cli.train_cmds",
     "peftkit.cli.data_cmds",
     "peftkit.cli.registry_cmds",
+    "peftkit.cli.push_cmds",
     "peftkit.cli.serve_cmds",
     "peftkit.cli.compare_cmds",
     "peftkit.cli.eval_cmds",

@@ -27,7 +27,7 @@ def cmd_inspect(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision)
+    tokenizer = load_tokenizer(cfg.model.name, revision=cfg.model.revision, offline=cfg.model.offline)
     prepared = prepare(cfg.data, tokenizer, seed=cfg.train.seed)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(build_report(prepared, tokenizer, n=args.examples, color=color))

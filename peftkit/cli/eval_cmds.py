@@ -21,7 +21,12 @@ def register(sub) -> None:
     p.add_argument("--no-forgetting", action="store_true", help="skip the general-text forgetting check")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--registry", help="registry folder (default: $PEFTKIT_HOME/registry)")
-    p.add_argument("--out", help="JSON file for the results (default: eval-NAME.json here)")
+    p.add_argument("--out", help="JSON file for the results (default: eval-NAME.json here, lm-eval-NAME.json "
+                                 "with --lm-eval)")
+    p.add_argument("--lm-eval", metavar="TASKS",
+                   help="run lm-evaluation-harness tasks (comma-separated, e.g. hellaswag,arc_easy) on the base and "
+                        "the adapter instead of the held-out evaluation (needs: pip install \"peftkit[lm-eval]\")")
+    p.add_argument("--lm-eval-include", metavar="FOLDER", help="a folder of your own lm_eval task YAMLs for --lm-eval")
     p.set_defaults(func=cmd_eval)
 
 
@@ -36,10 +41,29 @@ def cmd_eval(args) -> int:
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "examples" else 1):
             raise PeftkitError(f"--{flag.replace('_', '-')}={value} must be at least {0 if flag == 'examples' else 1}")
+    if args.lm_eval_include and not args.lm_eval:
+        raise PeftkitError("--lm-eval-include names task YAMLs for --lm-eval; pass --lm-eval TASKS too")
+    if args.lm_eval:
+        return cmd_lm_eval(args)
     settings = EvalSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
                             examples=args.examples, generate=not args.no_generate, forgetting=not args.no_forgetting)
     report, path = run_eval(args.adapter, data=args.data, base=args.base, base_only=args.base_only, settings=settings,
                             registry=args.registry, dtype=args.dtype, out=args.out)
     print(format_report(report.to_dict()))
+    print(f"results: {path}")
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from peftkit.errors import PeftkitError
+    from peftkit.lm_harness import HarnessSettings, format_table, parse_tasks, run_harness
+
+    if args.data:
+        raise PeftkitError("--data does not apply to --lm-eval: the tasks bring their own data")
+    settings = HarnessSettings(tasks=parse_tasks(args.lm_eval), include=args.lm_eval_include, limit=args.limit,
+                               batch_size=args.batch_size)
+    report, path = run_harness(args.adapter, settings, base=args.base, base_only=args.base_only,
+                               registry=args.registry, dtype=args.dtype, out=args.out)
+    print(format_table(report))
     print(f"results: {path}")
     return 0

@@ -7,6 +7,8 @@ changes what trains (truncated, dropped, fully masked) lands in stats and in the
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -19,11 +21,11 @@ from peftkit.data.errors import DataError
 from peftkit.data.formats import FORMATS, Example, detect_format, rename_columns, to_example
 from peftkit.data.masks import IGNORE, Encoded, encode_examples
 from peftkit.data.packing import packed_rows
-from peftkit.data.readers import read_rows
+from peftkit.data.readers import Row, is_hub_dataset, read_rows
 from peftkit.data.templates import resolve_template
 
 log = logging.getLogger(__name__)
-SOURCE_KEYS = ("path", "weight", "format", "columns")
+SOURCE_KEYS = ("path", "weight", "format", "columns", "split", "subset", "revision")
 
 
 @dataclass
@@ -44,6 +46,10 @@ class Source:
     weight: float = 1.0
     format: str = "auto"
     columns: dict[str, str] = field(default_factory=dict)
+    split: str = "train"
+    subset: str | None = None
+    revision: str | None = None
+    """Hub revision; split, subset and revision matter only when path is a Hugging Face Hub dataset id."""
 
 
 def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42, *, progress: bool = True, use_cache: bool = True) -> PreparedData:
@@ -51,11 +57,14 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42, *, progress: bool =
     sources = resolve_sources(cfg)
     if cfg.length_policy not in CHOICES["data.length_policy"]:
         raise DataError(f"data.length_policy={cfg.length_policy!r} is unknown; choose truncate or drop")
-    files = [s.path for s in sources] + ([cfg.eval_path] if cfg.eval_path else [])
+    on_hub = {i for i, s in enumerate(sources) if not Path(s.path).exists() and is_hub_dataset(s.path)}
+    files = [s.path for i, s in enumerate(sources) if i not in on_hub] + ([cfg.eval_path] if cfg.eval_path else [])
     for f in files:
         if not Path(f).exists():
             raise DataError(f"{f}: no such file or folder; check data.path / data.sources / data.eval_path "
                             f"(relative paths start from {Path.cwd()})")
+    # A hub dataset is read once, here: its rows' digest stands in for a file's in the fingerprint.
+    hub_rows = {i: _source_rows(sources[i], cfg) for i in sorted(on_hub)}
     template_file = cfg.chat_template if cfg.chat_template and Path(cfg.chat_template).is_file() else None
     # Paths stay out of the fingerprint (file contents are in it), so moved or renamed data keeps its identity.
     settings = {"sources": [{"weight": s.weight, "format": s.format, "columns": s.columns} for s in sources],
@@ -63,6 +72,8 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42, *, progress: bool =
                 "chat_template": cache.file_digest(template_file) if template_file else cfg.chat_template,
                 "train_on_inputs": cfg.train_on_inputs, "max_seq_length": cfg.max_seq_length,
                 "length_policy": cfg.length_policy, "packing": cfg.packing, "seed": seed}
+    if hub_rows:  # only then, so fingerprints of file-only data stay what they were
+        settings["hub_rows"] = {str(i): _rows_digest(rows) for i, rows in hub_rows.items()}
     fp = cache.fingerprint(files, tokenizer, settings)
     entry = cache.cache_entry(Path(cfg.cache_dir).expanduser() if cfg.cache_dir else peftkit_home() / "cache" / "data", fp)
     if use_cache and (hit := cache.load_cached(entry)) is not None:
@@ -72,7 +83,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int = 42, *, progress: bool =
         log.info("using cached tokenized data %s", entry)
         return PreparedData(train, evaluation, {**stats, "cached": True}, fp)
 
-    train_ex, train_src, eval_ex, source_stats = _read_sources(sources, cfg, seed)
+    train_ex, train_src, eval_ex, source_stats = _read_sources(sources, cfg, seed, hub_rows)
     template = None
     if any(e.messages is not None for e in train_ex + eval_ex):
         template = resolve_template(tokenizer, cfg.chat_template)
@@ -111,7 +122,7 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
     if cfg.format != "auto" and cfg.format not in FORMATS:
         raise DataError(f"data.format={cfg.format!r} is unknown; choose one of auto, {', '.join(FORMATS)}")
     if cfg.path:
-        return [Source(cfg.path, 1.0, cfg.format, dict(cfg.columns))]
+        return [Source(cfg.path, 1.0, cfg.format, dict(cfg.columns), cfg.split, cfg.subset, cfg.revision)]
     if not cfg.sources:
         raise DataError("no training data: set data.path (e.g. --set data.path=train.jsonl) or data.sources")
     out = []
@@ -131,7 +142,8 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
         columns = raw.get("columns", cfg.columns) or {}
         if not isinstance(columns, dict):
             raise DataError(f"{at}.columns must be a mapping such as {{question: instruction}}, got {type(columns).__name__}")
-        out.append(Source(str(raw["path"]), float(weight), fmt, dict(columns)))
+        out.append(Source(str(raw["path"]), float(weight), fmt, dict(columns), str(raw.get("split", cfg.split)),
+                          raw.get("subset", cfg.subset), raw.get("revision", cfg.revision)))
     return out
 
 
@@ -140,22 +152,35 @@ def held_out_examples(cfg: DataConfig, seed: int = 42) -> list[Example]:
     return _read_sources(resolve_sources(cfg), cfg, seed)[2]
 
 
-def read_examples(path: str, fmt: str, columns: dict[str, str]) -> tuple[list[Example], str]:
-    """Return a file's rows as checked examples, and the format used (detected from the first row for auto)."""
-    rows = read_rows(path)
+def read_examples(path: str, fmt: str, columns: dict[str, str], rows: list[Row] | None = None) -> tuple[list[Example], str]:
+    """Return a file's rows (or the rows given) as checked examples, and the format used (detected from the first row for auto)."""
+    rows = read_rows(path) if rows is None else rows
     if fmt == "auto":
         fmt = detect_format(rename_columns(rows[0].fields, columns), rows[0].where)
     return [to_example(r, fmt, columns) for r in rows], fmt
 
 
-def _read_sources(sources: list[Source], cfg: DataConfig, seed: int):
+def _source_rows(s: Source, cfg: DataConfig) -> list[Row]:
+    """Return a source's rows: a file or folder, or a split of a Hugging Face Hub dataset."""
+    return read_rows(s.path, split=s.split, subset=s.subset, revision=s.revision, offline=cfg.offline)
+
+
+def _rows_digest(rows: list[Row]) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row.fields, sort_keys=True, default=str).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _read_sources(sources: list[Source], cfg: DataConfig, seed: int, hub_rows: dict[int, list[Row]] | None = None):
     rng = random.Random(seed)
     train: list[Example] = []
     train_src: list[int] = []  # source index of each training example, for per-source counts
     held: list[Example] = []
     stats = []
     for index, s in enumerate(sources):
-        examples, fmt = read_examples(s.path, s.format, s.columns)
+        rows = (hub_rows or {}).get(index) or _source_rows(s, cfg)
+        examples, fmt = read_examples(s.path, s.format, s.columns, rows)
         n_eval = 0 if cfg.eval_path else int(round(len(examples) * cfg.eval_fraction))
         if n_eval >= len(examples):
             n_eval = 0  # never hold out everything; a one-row file trains on its row

@@ -1,7 +1,8 @@
 """Read data files into rows, each tagged with where it came from ("train.jsonl:41", "data.parquet row 7").
 
 Supported: .jsonl/.ndjson, .json (a list of objects, or one object per line), .csv/.tsv, .parquet,
-and a `datasets` save_to_disk folder. Text files must be UTF-8; a UTF-8 byte-order mark at the very
+a `datasets` save_to_disk folder, and one split of a Hugging Face Hub dataset named by its id (ORG/NAME)
+when no such local file or folder exists. Text files must be UTF-8; a UTF-8 byte-order mark at the very
 start is tolerated (editors on Windows write one), every other encoding problem is an error that names
 the line, because a half-decoded file trains on garbage.
 """
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 UTF8_BOM = b"\xef\xbb\xbf"
 OTHER_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+NOT_HUB_IDS = SUFFIXES + (".txt", ".arrow", ".gz", ".zst", ".bz2", ".xz")  # a missing "org/x.jsonl" is a missing file
 
 
 @dataclass(frozen=True)
@@ -32,12 +34,18 @@ class Row:
     fields: dict[str, Any]
 
 
-def read_rows(path: str | Path) -> list[Row]:
-    """Return every row of a data file or save_to_disk folder, in file order."""
-    path = Path(path)
+def read_rows(path: str | Path, *, split: str = "train", subset: str | None = None, revision: str | None = None,
+              offline: bool = False) -> list[Row]:
+    """Return every row of a data file, save_to_disk folder or hub dataset split, in file order.
+
+    split, subset, revision and offline apply only to a hub dataset id.
+    """
+    raw, path = str(path), Path(path)
     name = str(path)
     if path.is_dir():
         return _read_saved_dataset(path, name)
+    if not path.exists() and is_hub_dataset(raw):
+        return read_hub_rows(raw, split=split, subset=subset, revision=revision, offline=offline)
     if not path.exists():
         raise DataError(f"{name}: no such file or folder; check data.path (relative paths start from {Path.cwd()})")
     suffix = path.suffix.lower()
@@ -56,6 +64,38 @@ def read_rows(path: str | Path) -> list[Row]:
     if not rows:
         raise DataError(f"{name}: has no rows (only blank lines or an empty list); put at least one example in it")
     return rows
+
+
+def is_hub_dataset(text: str) -> bool:
+    """Return True when text reads as a hub dataset id (ORG/NAME) rather than a data file's name."""
+    from peftkit.hub import is_repo_id
+
+    return is_repo_id(text) and Path(text).suffix.lower() not in NOT_HUB_IDS
+
+
+def read_hub_rows(repo_id: str, *, split: str = "train", subset: str | None = None, revision: str | None = None,
+                  offline: bool = False, key: str = "data.path") -> list[Row]:
+    """Return the rows of one split of a Hugging Face Hub dataset, each tagged "ORG/NAME[split] row 7"."""
+    import datasets
+
+    from peftkit import hub
+
+    reason = hub.offline_reason(offline, "data.offline")
+    try:
+        with hub.offline_mode(reason is not None):
+            ds = datasets.load_dataset(repo_id, subset, split=split, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - datasets and the hub raise many types; sorted below
+        if reason is not None and hub.is_network_error(exc):  # offline mode refused the request: not cached
+            raise DataError(hub.not_cached(key, repo_id, revision, reason, Path(datasets.config.HF_DATASETS_CACHE), "dataset")) from None
+        if isinstance(exc, ValueError) and ("split" in str(exc).lower() or "config" in str(exc).lower()):
+            raise DataError(f"{key}={repo_id!r}: {exc}; set data.split (e.g. train, test) or data.subset to one it names") from None
+        raise DataError(hub.download_problem(exc, repo_id, key=key, kind="dataset", revision=revision)) from None
+    if isinstance(ds, datasets.DatasetDict):  # only when split is None, which config checks refuse; kept for callers
+        raise DataError(f"{key}={repo_id!r} has splits {', '.join(ds)}; choose one with data.split")
+    if len(ds) == 0:
+        raise DataError(f"{key}={repo_id!r}: split {split!r} has no rows")
+    where = f"{repo_id}[{split}]"
+    return [Row(f"{where} row {i}", record) for i, record in enumerate(ds.to_list(), start=1)]
 
 
 def _decode(data: bytes, name: str) -> str:

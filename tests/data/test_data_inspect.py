@@ -37,7 +37,7 @@ def test_cli_prints_the_report(write, tokenizer, tmp_path, monkeypatch, capsys):
     config = write("run.yaml", f"data:\n  path: {path}\n  eval_fraction: 0\n")
     seen = {}
 
-    def load_tokenizer(name, revision=None):
+    def load_tokenizer(name, revision=None, offline=False):
         seen["name"] = name
         return tokenizer
 
