@@ -76,7 +76,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         with stop, packed_attention(model, cfg.data.packing):
             trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
         wall = time.perf_counter() - started
-        evaluation = trainer.evaluate() if prepared.eval is not None and not stop.requested else {}
+        evaluation = final_evaluation(trainer) if prepared.eval is not None and not stop.requested else {}
     if stop.requested:
         if main:
             ckpts.write_run_state(out, status="interrupted", step=trainer.state.global_step, **state)
@@ -93,6 +93,15 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     if cfg.registry.register if register is None else register:
         ref = register_run(out, cfg)
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, registry_ref=ref, model=model)
+
+
+def final_evaluation(trainer) -> dict:
+    """Return the eval metrics at the last step: the Trainer's own when it evaluated there (the end of the last epoch,
+    or an eval_steps multiple), else a fresh evaluation (evaluating twice costs a pass and prints twice)."""
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return {key: value for key, value in last.items() if key.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def open_run_dir(out: Path, checkpoint_dir: Path) -> None:

@@ -188,3 +188,22 @@ def test_eval_token_accuracy_matches_a_hand_count(tiny_overrides, method):
     assert total > 0 and 0 < reported <= 1
     assert reported == pytest.approx(right / total, abs=1e-9)
     assert result.metrics["eval_loss"] is not None
+
+
+@pytest.mark.parametrize("eval_steps", [3, 4])
+def test_the_held_out_set_is_evaluated_once_at_the_last_step(tiny_overrides, monkeypatch, eval_steps):
+    from peftkit.trainer import SafeTrainer
+
+    calls = []
+    evaluate = SafeTrainer.evaluate
+
+    def counted(self, *args, **kwargs):
+        out = evaluate(self, *args, **kwargs)
+        calls.append((self.state.global_step, out["eval_loss"]))
+        return out
+    monkeypatch.setattr(SafeTrainer, "evaluate", counted)
+    result = train(load_config(None, tiny_overrides + [f"train.eval_steps={eval_steps}"]))
+    # Every 3 steps: at 3 and at the last (6), where the Trainer's own evaluation is reused. Every 4: at 4, and at 6
+    # once, by peftkit, since the Trainer did not evaluate there.
+    assert [step for step, _ in calls] == ([3, 6] if eval_steps == 3 else [4, 6])
+    assert result.metrics["eval_loss"] == calls[-1][1]
