@@ -34,7 +34,8 @@ class MethodRun:
     method: str
     settings: str
     """The settings that size the method, in words (see describe)."""
-    learning_rate: float
+    learning_rate: float | str
+    """The configured rate: a number, or auto (the range test's choice is in metrics)."""
     run_dir: Path
     metrics: dict | None = None
     """The run's metrics.json; None until it trained."""
@@ -62,7 +63,8 @@ def compare(config_path: str | Path, methods: list[str], *, overrides: list[str]
         raise MethodError(f"--methods {','.join(methods)}: {', '.join(unknown) or 'empty'} is not a method; "
                           f"choose from {', '.join(METHOD_NAMES)}")
     overrides = list(overrides or [])
-    rates = {**METHOD_LR, **(learning_rates or {})}
+    auto = load_config(config_path, overrides).train.learning_rate == "auto"  # every method searches its own
+    rates = {**({} if auto else METHOD_LR), **(learning_rates or {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plans = []
@@ -90,7 +92,7 @@ def compare(config_path: str | Path, methods: list[str], *, overrides: list[str]
 def run_method(config_file: Path, run: MethodRun, *, log_file: Path) -> None:
     """Train one method in a fresh `python -m peftkit train` process and fill run with its results."""
     cmd = [sys.executable, "-m", "peftkit", "train", str(config_file), "--no-register"]
-    print(f"== {run.method}: {run.settings}, lr {run.learning_rate:g}", flush=True)
+    print(f"== {run.method}: {run.settings}, lr {run.learning_rate}", flush=True)
     with open(log_file, "w", encoding="utf-8") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     metrics_file = run.run_dir / "metrics.json"
@@ -168,15 +170,23 @@ def measured_table(runs: list[MethodRun]) -> str:
     for r in runs:
         if r.metrics is None:
             error = (r.error or "").replace("|", "/")  # a bar inside a cell would split the row
-            rows.append(f"| {r.method} | {r.settings} | {r.learning_rate:g} | failed: {error} |" + " |" * 8)
+            rows.append(f"| {r.method} | {r.settings} | {rate_cell(r)} | failed: {error} |" + " |" * 8)
             continue
         m = r.metrics
         rows.append(
-            f"| {r.method} | {r.settings} | {r.learning_rate:g} | {m['trainable_parameters']:,} | {base_percent(r):.3g}% "
+            f"| {r.method} | {r.settings} | {rate_cell(r)} | {m['trainable_parameters']:,} | {base_percent(r):.3g}% "
             f"| {human_bytes(r.adapter_bytes)} | {m['peak_memory_mb']:,.0f} MiB | {_num(m['tokens_per_second'], '.0f')} "
             f"| {_num(m.get('train_loss_first'), '.3f')} → {_num(m['train_loss'], '.3f')} | {_num(m['eval_loss'], '.3f')} "
             f"| {_percent(m.get('eval_token_accuracy'))} | {m['wall_time_s']:.0f} s |")
     return "\n".join(rows)
+
+
+def rate_cell(r: MethodRun) -> str:
+    """Return the lr column: the fixed rate, or auto with the rate its range test chose."""
+    if r.learning_rate != "auto":
+        return f"{r.learning_rate:g}"
+    chosen = (r.metrics or {}).get("learning_rate")
+    return f"auto → {chosen:.3g}" if chosen is not None else "auto"
 
 
 def footprint_table(footprints: list) -> str:

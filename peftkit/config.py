@@ -121,8 +121,8 @@ class TrainConfig:
     """Passes over the training data (ignored when train.max_steps > 0)."""
     max_steps: int = -1
     """Stop after this many optimizer steps; -1 trains for train.epochs."""
-    learning_rate: float = 2e-4
-    """Peak learning rate (after warmup)."""
+    learning_rate: float | str = 2e-4
+    """Peak learning rate (after warmup), or auto: a short range test on the training rows picks it before training (about 5% of the run's rows, bounded per method; curve in lr_search.png, result in metrics.json)."""
     batch_size: int = 8
     """Examples (or packed sequences) per device per step."""
     gradient_accumulation_steps: int = 1
@@ -147,6 +147,8 @@ class TrainConfig:
     """Keep at most this many checkpoints (the newest)."""
     eval_steps: int = 0
     """Evaluate every this many steps (0: at the end of each epoch only)."""
+    early_stopping: int = 0
+    """With an eval split: stop when eval loss has not improved for this many evaluations, and keep the best evaluation's weights as the adapter (0: off). A checkpoint is saved at every evaluation."""
     logging_steps: int = 5
     """Log the training loss every this many steps."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -401,8 +403,13 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"method.alpha={m.alpha} must be greater than 0 (common choice: twice method.rank)")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"method.dropout={m.dropout} must be in [0, 1)")
-    if not 0 < t.learning_rate < 1:
-        raise ConfigError(f"train.learning_rate={t.learning_rate} is out of range; typical LoRA values are 1e-4 to 3e-4")
+    if isinstance(t.learning_rate, str) and t.learning_rate != "auto":
+        raise ConfigError(f"train.learning_rate={t.learning_rate!r} must be a number (e.g. 2e-4) or auto")
+    if not isinstance(t.learning_rate, str) and not 0 < t.learning_rate < 1:
+        raise ConfigError(f"train.learning_rate={t.learning_rate} is out of range; typical LoRA values are 1e-4 to 3e-4, "
+                          "or train.learning_rate=auto to measure one")
+    if t.early_stopping < 0:
+        raise ConfigError(f"train.early_stopping={t.early_stopping} must be 0 (off) or a number of evaluations, e.g. 3")
     if t.epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("train.epochs and train.max_steps are both <= 0: set train.epochs=1 or train.max_steps=100")
     if not 0 <= d.eval_fraction < 1:

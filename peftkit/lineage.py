@@ -128,7 +128,12 @@ def model_card(cfg: RunConfig, lineage: dict) -> str:
             ("steps", fmt(m["steps"])), ("tokens trained", fmt(m["tokens_trained"])),
             ("tokens per second", fmt(m["tokens_per_second"])), ("wall time (s)", fmt(m["wall_time_s"])),
             ("trainable parameters", f"{m['trainable_parameters']:,} of {m['total_parameters']:,} ({m['trainable_percent']:.3f}%)"),
-            ("peak memory (MiB)", fmt(m["peak_memory_mb"])), ("device / dtype", f"{m['device']} / {m['dtype']}")]
+            ("peak memory (MiB)", fmt(m["peak_memory_mb"])), ("device / dtype", f"{m['device']} / {m['dtype']}"),
+            ("learning rate", rate_text(m))]
+    if m.get("early_stopping"):
+        e = m["early_stopping"]
+        rows.append(("early stopping", f"best eval loss {fmt(e['best_eval_loss'])} at step {e['best_step']} (kept); "
+                                       f"stopped at step {e['stopped_at_step']}, patience {e['patience']}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     data = cfg.data.path or ", ".join(str(s.get("path")) for s in cfg.data.sources)
     return f"""---
@@ -163,6 +168,17 @@ or `peftkit generate --adapter ADAPTER_DIR --prompt "..."`.
 {yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip()}
 ```
 """
+
+
+def rate_text(m: dict) -> str:
+    """Return the model card's learning-rate cell: the rate, and how train.learning_rate=auto found it."""
+    rate, search = m.get("learning_rate"), m.get("learning_rate_search")
+    if rate is None:
+        return "n/a"
+    if not search:
+        return f"{rate:.3g}"
+    return (f"{rate:.3g} (auto: {search['rule']} in a range test of {search['steps']} steps from {search['low']:g} "
+            f"to {search['high']:g}; lowest at {search['minimum_at']:.3g}, {search['share_of_run']:.1%} of the run's rows)")
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

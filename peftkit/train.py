@@ -5,6 +5,7 @@ Read it top to bottom: `train` is the whole workflow; the helpers below it each 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -62,7 +63,11 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     base_dir = resolve_model(cfg.model.name, cfg.model.revision, offline=cfg.model.offline)
     state = {"base_fingerprint": base_fingerprint(base_dir), "data_fingerprint": prepared.fingerprint,
              "config": ckpts.flatten(config_to_dict(cfg))}
+    previous = ckpts.read_run_state(out)
     start_from = resume_point(out, checkpoint_dir, state, resume=resume, force=force_resume, main=main)
+    if cfg.train.early_stopping and prepared.eval is None:
+        raise PeftkitError(f"train.early_stopping={cfg.train.early_stopping} needs an eval split: set data.eval_path, "
+                           "or data.eval_fraction=0.1 to hold out a tenth of the rows, or train.early_stopping=0")
     if main:
         save_config(cfg, out / "config.yaml")
         ckpts.write_run_state(out, status="running", **state)
@@ -72,11 +77,20 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         model = build_model(cfg)
         stop = ckpts.GracefulStop()
         trainer = build_trainer(cfg, model, tokenizer, prepared, checkpoint_dir, stop)
-        started = time.perf_counter()
         with stop, packed_attention(model, cfg.data.packing):
+            search = learning_rate(cfg, trainer, model, prepared, previous if start_from else None)
+            if search is not None:
+                state["learning_rate_search"] = search.to_dict()  # kept in run.json, so a resume reuses the rate
+                if main:
+                    ckpts.write_run_state(out, status="running", **state)
+            started = time.perf_counter()
             trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
-        wall = time.perf_counter() - started
-        evaluation = final_evaluation(trainer) if prepared.eval is not None and not stop.requested else {}
+            wall = time.perf_counter() - started
+            evaluation = final_evaluation(trainer) if prepared.eval is not None and not stop.requested else {}
+            stopping = keep_best(trainer, evaluation, checkpoint_dir, cfg.train.early_stopping) \
+                if cfg.train.early_stopping and evaluation else None
+            if stopping is not None:
+                evaluation = stopping.pop("evaluation")
     if stop.requested:
         if main:
             ckpts.write_run_state(out, status="interrupted", step=trainer.state.global_step, **state)
@@ -85,6 +99,12 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
             f"{ckpts.latest_complete_checkpoint(checkpoint_dir)}. Resume with the same command plus --resume")
 
     metrics = run_metrics(cfg, trainer, model, evaluation, wall=wall, start_from=start_from, data_stats=prepared.stats)
+    metrics["learning_rate"] = trainer.args.learning_rate
+    metrics["learning_rate_search"] = search.to_dict() if search is not None else None
+    if search is not None:
+        search_share = search.seconds / (search.seconds + wall) if wall > 0 else None
+        metrics["learning_rate_search"]["share_of_time"] = search_share
+    metrics["early_stopping"] = stopping
     adapter_dir = out / "adapter"
     if not main:
         return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, model=model)
@@ -93,6 +113,56 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     if cfg.registry.register if register is None else register:
         ref = register_run(out, cfg)
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, registry_ref=ref, model=model)
+
+
+def learning_rate(cfg: RunConfig, trainer, model, prepared, previous: dict | None):
+    """Set the trainer's rate for train.learning_rate=auto and return the range test behind it (None for a fixed rate).
+
+    A resumed run keeps the rate its start chose (from run.json) instead of searching again."""
+    from peftkit.lr_finder import AUTO, RateSearch, find_learning_rate, plot_search
+
+    if cfg.train.learning_rate != AUTO:
+        return None
+    if previous and previous.get("learning_rate_search"):
+        search = RateSearch.from_dict(previous["learning_rate_search"])
+        log.info("learning rate: auto, kept from the interrupted run's start: %.3g", search.chosen)
+    else:
+        search = find_learning_rate(trainer, model, prepared.train, trainer.data_collator,
+                                    bounds=CATALOG[cfg.method.name].lr_bounds,
+                                    planned_tokens=planned_tokens(cfg, prepared.train, trainer.args.world_size),
+                                    seed=cfg.train.seed)
+        if is_main_process():
+            print(search.summary(), flush=True)
+            plot_search(search, Path(cfg.train.output_dir) / "lr_search.png")
+    trainer.args.learning_rate = search.chosen
+    return search
+
+
+def planned_tokens(cfg: RunConfig, dataset, world_size: int) -> int:
+    """Return the tokens one process will feed its model over the whole run (for the range test's budget)."""
+    from peftkit.lr_finder import mean_row_tokens
+
+    t = cfg.train
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    rows = len(dataset)
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * math.ceil(rows / (per_step * world_size)))
+    return round(steps * per_step * mean_row_tokens(dataset))
+
+
+def keep_best(trainer, evaluation: dict, checkpoint_dir: Path, patience: int) -> dict:
+    """Put the best evaluation's weights back into the model when a later one was worse (train.early_stopping);
+    return what metrics.json records, with the best evaluation's metrics under "evaluation"."""
+    state = trainer.state
+    best_step, best_loss = state.best_global_step, state.best_metric
+    record = {"patience": patience, "stopped_at_step": state.global_step, "stopped_early": state.global_step < state.max_steps}
+    if not best_step or best_loss is None or evaluation["eval_loss"] <= best_loss:
+        return {**record, "best_step": state.global_step, "best_eval_loss": evaluation["eval_loss"], "evaluation": evaluation}
+    trainer._load_from_checkpoint(str(checkpoint_dir / f"checkpoint-{best_step}"))  # what resume loads weights with
+    at_best = next(e for e in state.log_history if "eval_loss" in e and e.get("step") == best_step)
+    log.info("early stopping: kept step %d (eval loss %.4f) over step %d (%.4f)", best_step, best_loss,
+             state.global_step, evaluation["eval_loss"])
+    return {**record, "best_step": best_step, "best_eval_loss": best_loss,
+            "evaluation": {k: v for k, v in at_best.items() if k.startswith("eval_")}}
 
 
 def final_evaluation(trainer) -> dict:
@@ -211,7 +281,7 @@ def build_trainer(cfg: RunConfig, model, tokenizer, prepared, checkpoint_dir: Pa
         eval_dataset=prepared.eval,
         data_collator=build_collator(tokenizer, packing=cfg.data.packing, attn_implementation=cfg.model.attn_implementation),
         processing_class=tokenizer,
-        callbacks=[StopOnSignal(stop), ProgressLines()],
+        callbacks=[StopOnSignal(stop), ProgressLines(), *early_stopping_callbacks(cfg.train.early_stopping)],
         compute_metrics=token_accuracy,
         preprocess_logits_for_metrics=token_predictions,
         # Methods that keep the base forward let the loss call the backbone and the vocabulary head separately.
@@ -220,6 +290,24 @@ def build_trainer(cfg: RunConfig, model, tokenizer, prepared, checkpoint_dir: Pa
     for stock in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:  # they print raw log dicts
         trainer.remove_callback(stock)
     return trainer
+
+
+def early_stopping_callbacks(patience: int) -> list:
+    """Return the callbacks of train.early_stopping: transformers' patience counter, and a checkpoint at every
+    evaluation (so the best one can be put back at the end; SafeTrainer's rotation never deletes it)."""
+    if not patience:
+        return []
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Stopping(EarlyStoppingCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            pass  # its checks ask for load_best_model_at_end, which peftkit's keep_best replaces
+
+    class SaveAtEvaluation(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            control.should_save = True  # saved right after, at the same step
+
+    return [Stopping(early_stopping_patience=patience), SaveAtEvaluation()]
 
 
 def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, bf16: bool):
@@ -234,7 +322,8 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, 
         output_dir=str(checkpoint_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
+        # auto: a placeholder until the range test sets args.learning_rate (peftkit.lr_finder)
+        learning_rate=CATALOG[cfg.method.name].lr_bounds[0] if t.learning_rate == "auto" else t.learning_rate,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -251,6 +340,9 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, 
         eval_steps=t.eval_steps if t.eval_steps > 0 else None,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        metric_for_best_model="eval_loss" if t.early_stopping and has_eval else None,
+        greater_is_better=False if t.early_stopping and has_eval else None,
+        restore_callback_states_from_checkpoint=bool(t.early_stopping),  # the patience count survives a resume
         seed=t.seed,
         bf16=bf16 and torch.cuda.is_available(),  # on CPU the weights are already bf16; autocast adds copies
         report_to=active_trackers(t.report_to),  # the environment set by progress.tracking says where they write

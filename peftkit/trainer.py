@@ -87,6 +87,10 @@ class SafeTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         try:
             super()._save_checkpoint(model, trial)  # writes into the staging root, not the run dir
+            if self.state.best_global_step:  # the best checkpoint by its published name, not the staging one
+                self.state.best_model_checkpoint = str(run_dir / f"checkpoint-{self.state.best_global_step}")
+                if main:
+                    self.state.save_to_json(str(self._staging_root / name / "trainer_state.json"))
             self.accelerator.wait_for_everyone()
             if main:
                 self._publish(self._staging_root / name, run_dir / name)
@@ -119,8 +123,10 @@ class SafeTrainer(Trainer):
         limit = self.args.save_total_limit
         if not limit:
             return
+        best = self.state.best_global_step  # train.early_stopping puts it back at the end: never rotated away
         for old in complete_checkpoints(run_dir)[:-limit]:
-            _remove(old)
+            if not best or old.name != f"checkpoint-{best}":
+                _remove(old)
 
 
 def token_predictions(logits, labels):

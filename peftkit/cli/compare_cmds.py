@@ -18,7 +18,8 @@ def register(sub) -> None:
                    help="override a config key for every method, e.g. --set train.max_steps=30 (repeatable)")
     p.add_argument("--lr", dest="learning_rates", action="append", default=[], metavar="METHOD=LR",
                    help="learning rate for one method (repeatable); defaults: "
-                        + ", ".join(f"{k} {v:g}" for k, v in METHOD_LR.items()) + ", the config's for the LoRA family")
+                        + ", ".join(f"{k} {v:g}" for k, v in METHOD_LR.items()) + ", the config's for the LoRA family; all the config's when it sets train.learning_rate=auto; "
+                        "METHOD=auto: a range test picks it")
     p.add_argument("--out", default="runs/compare", help="folder for the runs, methods.md and methods.png (default runs/compare)")
     p.set_defaults(func=cmd_compare)
 
@@ -31,11 +32,11 @@ def cmd_compare(args) -> int:
     for item in args.learning_rates:
         method, sep, value = item.partition("=")
         try:
-            rates[method.strip()] = float(value)
+            rates[method.strip()] = "auto" if value.strip() == "auto" else float(value)
         except ValueError:
             sep = ""
         if not sep:
-            raise MethodError(f"--lr {item!r} must look like METHOD=LR, e.g. --lr full=2e-5")
+            raise MethodError(f"--lr {item!r} must look like METHOD=LR, e.g. --lr full=2e-5 or --lr full=auto")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     command = "peftkit " + " ".join(shlex.quote(a) for a in args.argv)
     result = compare(args.config, methods, overrides=args.overrides, out_dir=args.out, learning_rates=rates, command=command)

@@ -43,6 +43,8 @@ class Method:
     """vLLM can serve it as a LoRA adapter."""
     learning_rate: float | None = None
     """Default learning rate for comparisons; None keeps the config's (the LoRA family, whose presets set it)."""
+    lr_bounds: tuple[float, float] = (1e-5, 1e-1)
+    """Lowest and highest rate train.learning_rate=auto tries (its range test sweeps between them) and may choose."""
 
     @property
     def mixes(self) -> bool:
@@ -61,17 +63,19 @@ CATALOG: dict[str, Method] = {m.name: m for m in (
            "lora:build_qlora", ("LORA",), quantized_base=True, mergeable=True, vllm=True),
     Method("prefix", "learned keys and values in front of every layer's attention (prefix tuning)",
            "prompt:build_prefix", ("PREFIX_TUNING",), loader="prompt:load", serve_kind=VIRTUAL,
-           keeps_base_forward=False, learning_rate=3e-2),
+           keeps_base_forward=False, learning_rate=3e-2, lr_bounds=(1e-4, 3e-1)),
     Method("prompt", "learned input embeddings in front of the prompt (prompt tuning)",
            "prompt:build_prompt", ("PROMPT_TUNING",), loader="prompt:load", serve_kind=VIRTUAL,
-           keeps_base_forward=False, learning_rate=3e-2),
+           keeps_base_forward=False, learning_rate=3e-2, lr_bounds=(1e-4, 1e-1)),
     Method("ia3", "learned scales on keys, values and the MLP's inner activations (IA3)",
-           "ia3:build", ("IA3",), serve_kind=MODEL, mergeable=True, learning_rate=3e-2),
+           "ia3:build", ("IA3",), serve_kind=MODEL, mergeable=True, learning_rate=3e-2,
+           lr_bounds=(1e-4, 3e-1)),
     Method("bottleneck", "small down-up MLPs after attention and/or the MLP (Houlsby/Pfeiffer adapters)",
            "bottleneck:build", ("PEFTKIT_BOTTLENECK",), loader="bottleneck:load", serve_kind=MODEL,
            keeps_base_forward=False, learning_rate=1e-2),
     Method("full", "every weight trained (the reference the others are measured against)",
-           "full:build", (), loader="full:load", serve_kind=MODEL, learning_rate=2e-4),
+           "full:build", (), loader="full:load", serve_kind=MODEL, learning_rate=2e-4,
+           lr_bounds=(1e-6, 1e-3)),
 )}
 
 METHOD_NAMES: tuple[str, ...] = tuple(CATALOG)
