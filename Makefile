@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.peftkit-installed
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install chromium clean-venv
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +24,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/peftkit demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The web page's browser tests drive Debian's Chromium through playwright (never `playwright install`, which
+# downloads a browser). Installed here when we can (root with apt-get); elsewhere those tests skip and say why.
+chromium:
+	@if [ ! -x "$(CHROMIUM)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser tests (tests/dashboard)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+			|| echo "could not install chromium; the browser tests will skip"; \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,6 +19,7 @@ GROUPS = (
     "peftkit.cli.registry_cmds",
     "peftkit.cli.push_cmds",
     "peftkit.cli.serve_cmds",
+    "peftkit.cli.dashboard_cmds",
     "peftkit.cli.compare_cmds",
     "peftkit.cli.eval_cmds",
     "peftkit.cli.merge_cmds",

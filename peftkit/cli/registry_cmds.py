@@ -1,4 +1,4 @@
-"""`peftkit registry ...`: add, list, show, tag, remove, verify, export, import, gc, checkout.
+"""`peftkit registry ...`: add, list, show, tag, untag, remove, verify, export, import, gc, checkout.
 
 Each handler opens the registry and calls one Registry method; nothing here imports torch.
 """
@@ -48,7 +48,7 @@ def _build_add(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
 
 
 def _build_lookups(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
-    """Add the actions that read or relabel catalog entries: list, show, tag, remove."""
+    """Add the actions that read or relabel catalog entries: list, show, tag, untag, remove."""
     p = sub.add_parser("list", parents=[common, as_json], help="list registered adapters")
     p.add_argument("--domain", metavar="D", help="only this domain")
     p.add_argument("--base", metavar="B", help="only this base model (its name as trained, or its sha256 fingerprint or a prefix)")
@@ -63,6 +63,10 @@ def _build_lookups(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     p.add_argument("ref", metavar="REF")
     p.add_argument("tag", metavar="TAG")
     p.set_defaults(func=_tag)
+
+    p = sub.add_parser("untag", parents=[common], help="delete the tag NAME:TAG (the version it named stays)")
+    p.add_argument("ref", metavar="NAME:TAG")
+    p.set_defaults(func=_untag)
 
     p = sub.add_parser("remove", parents=[common], help="remove one version (or --all versions of a name)")
     p.add_argument("ref", metavar="REF")
@@ -165,6 +169,12 @@ def _show(args: argparse.Namespace) -> int:
 def _tag(args: argparse.Namespace) -> int:
     entry = _open(args).tag(args.ref, args.tag)
     print(f"{entry.name}:{args.tag} -> {entry.ref}")
+    return 0
+
+
+def _untag(args: argparse.Namespace) -> int:
+    entry = _open(args).untag(args.ref)
+    print(f"untagged {args.ref} (was {entry.ref}; tags now {', '.join(entry.tags) or 'none'})")
     return 0
 
 

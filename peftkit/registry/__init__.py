@@ -99,6 +99,16 @@ class Registry:
             self.catalog.set_tag(conn, entry.name, tag, entry.id)
         return self.show(entry.ref)
 
+    def untag(self, ref: str) -> Entry:
+        """Return the entry `name:tag` named, after deleting that tag (the version itself stays)."""
+        parsed = parse_ref(ref)
+        if parsed.tag is None:
+            raise InvalidNameError(f"untag takes NAME:TAG, e.g. {parsed.name}:stable; got {ref!r}")
+        with refuse_when_full(f"untagging {ref}", "the tag was not changed", self.path), self.catalog.write() as conn:
+            entry = self.catalog.lookup(parsed, detail=False)
+            self.catalog.drop_tag(conn, parsed.name, parsed.tag)
+        return self.show(entry.ref)
+
     def set_evaluation(self, ref: str, report: dict[str, Any]) -> Entry:
         """Return the entry after storing an evaluation report (`peftkit eval`) in its metrics, under "evaluation"."""
         with refuse_when_full(f"storing the evaluation of {ref}", "the entry was not changed", self.path), \

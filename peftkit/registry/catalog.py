@@ -216,6 +216,10 @@ class Catalog:
         verb = "REPLACE" if move else "IGNORE"
         conn.execute(f"INSERT OR {verb} INTO tags (name, tag, adapter_id) VALUES (?, ?, ?)", (name, tag, adapter_id))
 
+    def drop_tag(self, conn: sqlite3.Connection, name: str, tag: str) -> None:
+        """Delete name:tag (the version it named stays); call inside write()."""
+        conn.execute("DELETE FROM tags WHERE name = ? AND tag = ?", (name, tag))
+
     def find_same_content(self, conn: sqlite3.Connection, name: str, content_sha256: str) -> int | None:
         """Return the row id of a version of name with exactly these files, or None."""
         row = conn.execute("SELECT id FROM adapters WHERE name = ? AND content_sha256 = ? ORDER BY version LIMIT 1",

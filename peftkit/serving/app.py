@@ -2,16 +2,18 @@
 
     app = create_app(Engine(settings).start(), settings)      # settings: a ServeSettings
 
-Every route but /health needs `Authorization: Bearer KEY` when a key is set (compared in constant
-time). POST bodies are read whole up to a size limit before any route sees them. Generation
-requests past the concurrency limit get 429 with Retry-After. A client that disconnects cancels
-its generation, streamed or not.
+Every route but /health and the web page's shell (peftkit.dashboard: / and its static files, which
+hold no data) needs `Authorization: Bearer KEY` when a key is set (compared in constant time).
+POST bodies are read whole up to a size limit before any route sees them. Generation requests
+past the concurrency limit get 429 with Retry-After. A client that disconnects cancels its
+generation, streamed or not.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
@@ -21,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from peftkit.dashboard import Dashboard, add_dashboard, is_public
 from peftkit.serving import openai_schema as oai
 from peftkit.serving.errors import (AdapterUnavailableError, ContextLengthError, EngineUnavailableError,
                                     GenerationFailedError, InvalidRequestError, MemoryBudgetError, OverloadedError,
@@ -67,11 +70,14 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
     metrics = Metrics(engine, settings.max_adapter_labels)
     app = FastAPI(title="peftkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
-    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, metrics=metrics,
+                       public=is_public)  # the page shell holds no data; its JSON routes need the key
     add_error_handlers(app, settings.retry_after_s)
     add_status_routes(app, engine, metrics)
     add_model_routes(app, engine)
     add_generation_routes(app, engine, Slots(settings.max_concurrent, settings.retry_after_s, metrics), metrics)
+    add_dashboard(app, Dashboard(runs=Path(settings.runs), registry=settings.registry, api_key=settings.api_key,
+                                 playground=True))
     return app
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from typing import Callable
 
 from fastapi.responses import JSONResponse
 
@@ -18,10 +19,12 @@ PUBLIC = ("/health",)
 
 
 class Guard:
-    """ASGI middleware: API key on every route but /health, a body size limit, and HTTP metrics."""
+    """ASGI middleware: API key on every route but /health and those `public` allows, a body size limit, HTTP metrics."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: Metrics):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: Metrics,
+                 public: Callable[[str], bool] | None = None):
         self.app = app
+        self.public = public or (lambda path: False)
         self.limit = max_body_bytes
         self.metrics = metrics
         self.key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
@@ -37,7 +40,8 @@ class Guard:
             await send(message)
 
         try:
-            if self.key_digest is not None and scope["path"] not in PUBLIC and not self._authorized(scope):
+            if self.key_digest is not None and scope["path"] not in PUBLIC and not self.public(scope["path"]) \
+                    and not self._authorized(scope):
                 body = error_body("Incorrect or missing API key; send it as 'Authorization: Bearer KEY'",
                                       "invalid_request_error", None, "invalid_api_key")
                 return await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_and_note)

@@ -70,6 +70,8 @@ class ServeSettings:
     """Seconds a client refused with 429 is told to wait."""
     max_adapter_labels: int = 32
     """Distinct adapter names given their own metrics label; the rest count as "other"."""
+    runs: str = "runs"
+    """Folder of training runs the web page at / shows, live while they train (each run's folder holds run.json)."""
 
     @property
     def base_name(self) -> str:
