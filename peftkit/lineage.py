@@ -178,23 +178,35 @@ def rate_text(m: dict) -> str:
     if not search:
         return f"{rate:.3g}"
     return (f"{rate:.3g} (auto: {search['rule']} in a range test of {search['steps']} steps from {search['low']:g} "
-            f"to {search['high']:g}; lowest at {search['minimum_at']:.3g}, {search['share_of_run']:.1%} of the run's rows)")
+            f"to {search['high']:g}; lowest at {search['minimum_at']:.3g}, {search['share_of_run']:.1%} of the run's tokens)")
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
     """Draw train and eval loss against steps into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_plot()
     for key, label in (("loss", "train"), ("eval_loss", "eval")):
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    save_plot(fig, ax, path)
+
+
+def new_plot():
+    """Return (figure, axes) for one of a run's PNG charts (matplotlib without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4))
+
+
+def save_plot(fig, ax, path: Path) -> None:
+    """Finish a chart from new_plot (grid, legend) and write it to path atomically."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

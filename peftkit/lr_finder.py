@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftkit.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +174,9 @@ def find_learning_rate(trainer, model, dataset, collator, *, bounds: tuple[float
 
 def plot_search(search: RateSearch, path: Path) -> None:
     """Draw the range test's loss against the rate (log scale), with the minimum and the chosen rate marked."""
-    import matplotlib
+    from peftkit.lineage import new_plot, save_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_plot()
     ax.plot(search.rates, search.losses, alpha=0.35, marker=".", label="loss per step")
     ax.plot(search.rates, search.smoothed, label="smoothed")
     if search.minimum_at is not None:
@@ -190,12 +186,7 @@ def plot_search(search: RateSearch, path: Path) -> None:
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
     ax.set_title("learning-rate range test")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_plot(fig, ax, path)
 
 
 def _agree(rate: float) -> float:
