@@ -73,14 +73,16 @@ def load_base(name: str, *, dtype: str = "auto", quantize_4bit: bool = False, re
     """Return the base causal LM, in the resolved dtype, optionally 4-bit NF4 quantized."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from peftkit.distributed import rank_device, sharding
+
     path = resolve_model(name, revision, offline=offline)
     torch_dtype = resolve_dtype(dtype)
-    device = device or default_device()
+    device = device or rank_device(torch.cuda.is_available())  # under a launcher, each rank on its own GPU
     kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_quant_storage=torch.uint8)
+            bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_quant_storage=quant_storage(torch_dtype, sharding()))
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -89,6 +91,15 @@ def load_base(name: str, *, dtype: str = "auto", quantize_4bit: bool = False, re
     if not quantize_4bit:
         model.to(device)
     return model
+
+
+def quant_storage(compute_dtype: torch.dtype, sharded: str | None) -> torch.dtype:
+    """Return the dtype the packed 4-bit weights are stored in: the compute dtype when FSDP or ZeRO-3 shard the model.
+
+    The sharders cut and gather parameters as flat tensors of one dtype; 4-bit weights stored as uint8 beside
+    bf16 norms and adapters cannot be sharded. The packed bits are the same either way, only their container differs.
+    """
+    return compute_dtype if sharded else torch.uint8
 
 
 def default_device() -> str:

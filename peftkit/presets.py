@@ -16,14 +16,16 @@ from peftkit.methods.catalog import CATALOG, METHOD_NAMES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO = CONFIGS / "demo" / "fernhill.yaml"
+# Folders under configs/ that hold no model presets: the demo run, and accelerate's launch configs (peftkit.launch).
+NOT_PRESETS = ("demo", "accelerate")
 DEFAULT_MODEL = "smollm2-135m"
 
 
 def generic_presets() -> dict[str, dict[str, Path]]:
-    """Return {model folder: {method: preset file}} for every generic preset (everything but configs/demo/)."""
+    """Return {model folder: {method: preset file}} for every generic preset (all but configs/demo/ and accelerate/)."""
     out: dict[str, dict[str, Path]] = {}
     for f in sorted(CONFIGS.glob("*/*.yaml")):
-        if f.parent.name != "demo":
+        if f.parent.name not in NOT_PRESETS:
             out.setdefault(f.parent.name, {})[f.stem] = f
     return out
 

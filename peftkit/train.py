@@ -17,6 +17,7 @@ import torch
 from peftkit import atomic
 from peftkit import checkpoints as ckpts
 from peftkit.config import RunConfig, config_to_dict, save_config
+from peftkit.distributed import gather_adapter_state, trainer_device_arguments
 from peftkit.errors import PeftkitError
 from peftkit.fingerprint import base_fingerprint
 from peftkit.lineage import build_lineage, count_parameters, model_card, plot_losses, run_metrics
@@ -106,9 +107,11 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         metrics["learning_rate_search"]["share_of_time"] = search_share
     metrics["early_stopping"] = stopping
     adapter_dir = out / "adapter"
+    weights = gather_adapter_state(trainer)  # every rank takes part: an FSDP/ZeRO-3 model is sharded across them
     if not main:
         return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, model=model)
-    save_run(cfg, out, model, tokenizer, trainer, metrics, state, base_dir=base_dir, has_eval=prepared.eval is not None)
+    save_run(cfg, out, model, tokenizer, trainer, metrics, state, base_dir=base_dir, has_eval=prepared.eval is not None,
+             weights=weights)
     ref = None
     if cfg.registry.register if register is None else register:
         ref = register_run(out, cfg)
@@ -183,13 +186,16 @@ def open_run_dir(out: Path, checkpoint_dir: Path) -> None:
 
 
 def save_run(cfg: RunConfig, out: Path, model, tokenizer, trainer, metrics: dict, state: dict, *, base_dir: Path,
-             has_eval: bool) -> None:
-    """Write the adapter (lineage, prompting record, model card), metrics.json, loss.png and the finished state."""
+             has_eval: bool, weights: dict | None = None) -> None:
+    """Write the adapter (lineage, prompting record, model card), metrics.json, loss.png and the finished state.
+
+    weights: the gathered tensors of a sharded model (None: the model holds them whole).
+    """
     prompting = build_prompting(tokenizer, cfg.data.system_prompt, cfg.data.chat_template)
     if cfg.eval.generate and has_eval:
         metrics["evaluation"] = evaluate_trained(cfg, model, tokenizer, prompting)
     lineage = build_lineage(cfg, state, metrics, base_config=base_config_dict(base_dir), prompting=prompting)
-    save_adapter(model, tokenizer, out / "adapter", cfg, lineage)
+    save_adapter(model, tokenizer, out / "adapter", cfg, lineage, weights=weights)
     atomic.write_json(out / "metrics.json", metrics)
     plot_losses(trainer.state.log_history, out / "loss.png")
     ckpts.write_run_state(out, status="finished", step=trainer.state.global_step, **state)
@@ -350,20 +356,20 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, *, has_eval: bool, 
         project="peftkit",  # trackio's project
         remove_unused_columns=False,
         label_names=["labels"],  # PEFT wrappers hide the label argument from transformers' signature check
-        use_cpu=not torch.cuda.is_available(),  # also makes torchrun/accelerate launch on CPUs use gloo DDP
+        **trainer_device_arguments(torch.cuda.is_available()),  # gloo on CPUs, also under DeepSpeed
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
 
 
-def save_adapter(model, tokenizer, target: Path, cfg: RunConfig, lineage: dict) -> Path:
+def save_adapter(model, tokenizer, target: Path, cfg: RunConfig, lineage: dict, weights: dict | None = None) -> Path:
     """Write the adapter, tokenizer, lineage and model card to target atomically; return target."""
     for conf in getattr(model, "peft_config", {}).values():
         conf.base_model_name_or_path = cfg.model.name  # what the user typed, not a cache path
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
         tokenizer.save_pretrained(folder)
         atomic.write_json(folder / LINEAGE_FILE, lineage)
         (folder / "README.md").write_text(model_card(cfg, lineage), encoding="utf-8")

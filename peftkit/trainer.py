@@ -32,8 +32,9 @@ class SafeTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The vocabulary projection and its log-softmax are about a fifth of a small model's step, and
         # chat data trains on well under half of its tokens: skip the rows of logits nobody learns from.
-        # A DDP/FSDP wrapper must run its own forward (it syncs gradients there), so wrapped models take the stock path.
-        wrapped = model is not self.accelerator.unwrap_model(model)
+        # A DDP/FSDP wrapper must run its own forward (it syncs gradients there), so wrapped models take the stock path;
+        # FSDP2 shards the model in place (no wrapper), and its root forward is what gathers the head and embeddings.
+        wrapped = model is not self.accelerator.unwrap_model(model) or self.is_fsdp_enabled
         if return_outputs or not self.sparse_logits or wrapped or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -73,7 +73,7 @@ def test_bad_yaml_file(tmp_path):
 
 
 def test_every_shipped_yaml_loads_and_validates():
-    files = sorted((REPO / "configs").glob("*/*.yaml"))
+    files = sorted(f for f in (REPO / "configs").glob("*/*.yaml") if f.parent.name != "accelerate")  # launch configs
     names = {f"{f.parent.name}/{f.name}" for f in files}
     assert {"smollm2-135m/lora.yaml", "llama-3.1-8b/lora.yaml", "llama-3.1-8b/qlora.yaml"} <= names
     for f in files:

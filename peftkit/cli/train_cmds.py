@@ -22,6 +22,12 @@ def register(sub) -> None:
     p.add_argument("--force-resume", action="store_true",
                    help="resume even though the data, config or base model changed since the checkpoint")
     p.add_argument("--no-register", action="store_true", help="do not add the adapter to the registry")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train as N processes (one per GPU, or N CPU processes over gloo) through `accelerate launch` "
+                        "with the shipped config for --strategy; see docs/distributed.md")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "zero3"],
+                   help="with --nproc: ddp copies the model to every process; fsdp and zero3 (DeepSpeed ZeRO-3, after "
+                        "pip install deepspeed) shard it across them (default ddp)")
     p.set_defaults(func=cmd_train)
 
     for name, help_text in (("generate", "answer one prompt with the base model or an adapter"),
@@ -78,6 +84,7 @@ def cmd_train(args) -> int:
     # JSON-quoted: YAML reads it back as the same string, whatever the file is called (true, 1.5, a: b).
     data_sets = [f"data.path={json.dumps(args.data)}"] if args.data is not None else []
     cfg = load_config(config, preset_sets + data_sets + args.overrides)
+    prepare_ranks(cfg, args)
     result = train(cfg, resume=args.resume, force_resume=args.force_resume,
                    register=False if args.no_register else None)
     from peftkit.train import is_main_process
@@ -91,6 +98,25 @@ def cmd_train(args) -> int:
     if result.registry_ref:
         print(f"registered: {result.registry_ref}")
     return 0
+
+
+def prepare_ranks(cfg, args) -> None:
+    """Start the --nproc processes (this process becomes the launcher), or check what a launcher started."""
+    from peftkit import distributed
+    from peftkit.config import ConfigError
+    from peftkit.methods.catalog import CATALOG
+
+    if args.nproc is not None:
+        if distributed.world_size() > 1:
+            raise ConfigError("--nproc starts the processes itself; under accelerate launch or torchrun leave it out")
+        from peftkit.launch import launch
+
+        launch(args.nproc, args.strategy, args.argv, quantized=CATALOG[cfg.method.name].quantized_base)
+    distributed.check_launch()
+    if distributed.sharding() and cfg.eval.generate:
+        raise ConfigError(f"eval.generate=true cannot run when {distributed.sharding()} shards the model (the main "
+                          "process generates alone); set eval.generate=false and run `peftkit eval` on the adapter")
+    distributed.allow_fsdp_on_cpu()
 
 
 def cmd_generate(args) -> int:
