@@ -19,9 +19,10 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1024}
 """The tiny Llama of --size tiny: Llama 3.1 8B's config (RoPE scaling and all) with these sizes."""
 LORA = {"target_modules": "all-linear", "rank": 16, "alpha": 32.0, "dropout": 0.05}
-# SafeTrainer.compute_loss needs only these two attributes of its Trainer on the path a single,
-# unwrapped model takes: calling it with this stand-in measures exactly the loss `peftkit train` computes.
-LOSS_OWNER = SimpleNamespace(sparse_logits=True, accelerator=SimpleNamespace(unwrap_model=lambda model: model))
+# SafeTrainer.compute_loss needs only these attributes of its Trainer on the path a single, unwrapped,
+# unsharded model takes: calling it with this stand-in measures exactly the loss `peftkit train` computes.
+LOSS_OWNER = SimpleNamespace(sparse_logits=True, is_fsdp_enabled=False,
+                             accelerator=SimpleNamespace(unwrap_model=lambda model: model))
 
 
 def model_config(size: str):
