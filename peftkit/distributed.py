@@ -16,6 +16,11 @@ class LaunchError(PeftkitError):
     """The processes were started in a way that would silently train something other than what was asked."""
 
 
+def is_main_process() -> bool:
+    """Return False on the non-zero ranks of a torchrun / accelerate launch job (only rank 0 writes the run dir)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def local_rank() -> int:
     """Return this process's rank on its machine, which is also the index of its GPU."""
     return int(os.environ.get("LOCAL_RANK", "0"))

@@ -16,8 +16,9 @@ from peftkit.prompting import Prompting
 
 
 def run_metrics(cfg: RunConfig, trainer, model, evaluation: dict, *, wall: float, start_from: Path | None,
-                data_stats: dict) -> dict:
-    """Return metrics.json's content: losses, speed, size, memory and the data's statistics."""
+                data_stats: dict, search=None, stopping: dict | None = None) -> dict:
+    """Return metrics.json's content: losses, speed, size, memory, the data's statistics, the rate (and the range
+    test behind an automatic one: search, a peftkit.lr_finder.RateSearch) and train.early_stopping's record."""
     from peftkit.checkpoints import checkpoint_step
     from peftkit.models import resolve_dtype
 
@@ -46,6 +47,10 @@ def run_metrics(cfg: RunConfig, trainer, model, evaluation: dict, *, wall: float
         "compile_time_s": compile_time(cfg),
         "dtype_probe": dtype_probe(cfg.model.dtype),
         "data": data_stats,
+        "learning_rate": trainer.args.learning_rate,
+        "learning_rate_search": None if search is None else
+        {**search.to_dict(), "share_of_time": search.seconds / (search.seconds + wall) if wall > 0 else None},
+        "early_stopping": stopping,
     }
 
 

@@ -12,8 +12,8 @@ The rule: smooth the losses (an exponential moving average, debiased), take the 
 smoothed loss is lowest (before it diverges, i.e. rises above DIVERGED times that minimum), and
 divide it by DIVISOR; keep the result inside the bounds. The loss bottoms out where the rate has
 just become too high, so a fraction of it is a rate that still learns fast but stays stable
-(Smith 2017, "Cyclical learning rates"; fastai's `lr_find`). DIVISOR was chosen by measurement on
-four data sets (docs/methods.md, "The automatic learning rate").
+(Smith 2017, "Cyclical learning rates"; fastai's `lr_find`). DIVISOR is that convention's, not tuned
+here; docs/methods.md ("Presets measured on three data sets") compares the rates it gives with fixed ones.
 
 Cost: the test feeds at most COST_SHARE of the tokens the run will train on, in at most MAX_STEPS
 steps of at most a batch of windows of WINDOW tokens (a long or packed row is cut to the window that
@@ -126,11 +126,14 @@ def choose(rates: list[float], losses: list[float]) -> tuple[float, list[float],
     return rates[best] / DIVISOR, smoothed, rates[best], rates[diverged] if diverged is not None else None
 
 
-def find_learning_rate(trainer, model, dataset, collator, *, bounds: tuple[float, float], planned_tokens: int,
+def find_learning_rate(trainer, model, dataset, collator, *, bounds: tuple[float, float], planned_rows: int,
                        seed: int) -> RateSearch:
-    """Return the range test's result on dataset's rows; the model and every RNG are left exactly as found."""
+    """Return the range test's result on dataset's rows, for a run that feeds each process planned_rows of them;
+    the model and every RNG are left exactly as found."""
     low, high = bounds
-    steps, per_step = search_plan(planned_tokens, trainer.args.per_device_train_batch_size, mean_row_tokens(dataset))
+    row_tokens = mean_row_tokens(dataset)
+    planned_tokens = round(planned_rows * row_tokens)
+    steps, per_step = search_plan(planned_tokens, trainer.args.per_device_train_batch_size, row_tokens)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     saved = {name: p.detach().clone() for name, p in trainable}

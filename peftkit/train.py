@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 from peftkit import atomic
 from peftkit import checkpoints as ckpts
 from peftkit.config import RunConfig, config_to_dict, save_config
-from peftkit.distributed import gather_adapter_state, trainer_device_arguments
+from peftkit.distributed import gather_adapter_state, is_main_process, trainer_device_arguments
 from peftkit.errors import PeftkitError
 from peftkit.fingerprint import base_fingerprint
 from peftkit.lineage import build_lineage, count_parameters, model_card, plot_losses, run_metrics
@@ -79,7 +78,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
         stop = ckpts.GracefulStop()
         trainer = build_trainer(cfg, model, tokenizer, prepared, checkpoint_dir, stop)
         with stop, packed_attention(model, cfg.data.packing):
-            search = learning_rate(cfg, trainer, model, prepared, previous if start_from else None)
+            search = learning_rate(cfg, trainer, model, prepared, previous if start_from else None, main=main)
             if search is not None:
                 state["learning_rate_search"] = search.to_dict()  # kept in run.json, so a resume reuses the rate
                 if main:
@@ -87,11 +86,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
             started = time.perf_counter()
             trainer.train(resume_from_checkpoint=str(start_from) if start_from else None)
             wall = time.perf_counter() - started
-            evaluation = final_evaluation(trainer) if prepared.eval is not None and not stop.requested else {}
-            stopping = keep_best(trainer, evaluation, checkpoint_dir, cfg.train.early_stopping) \
-                if cfg.train.early_stopping and evaluation else None
-            if stopping is not None:
-                evaluation = stopping.pop("evaluation")
+            evaluation, stopping = held_out_result(trainer, checkpoint_dir, cfg.train.early_stopping) \
+                if prepared.eval is not None and not stop.requested else ({}, None)
     if stop.requested:
         if main:
             ckpts.write_run_state(out, status="interrupted", step=trainer.state.global_step, **state)
@@ -99,13 +95,8 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
             f"training stopped by {stop.requested} at step {trainer.state.global_step}; checkpoint saved in "
             f"{ckpts.latest_complete_checkpoint(checkpoint_dir)}. Resume with the same command plus --resume")
 
-    metrics = run_metrics(cfg, trainer, model, evaluation, wall=wall, start_from=start_from, data_stats=prepared.stats)
-    metrics["learning_rate"] = trainer.args.learning_rate
-    metrics["learning_rate_search"] = search.to_dict() if search is not None else None
-    if search is not None:
-        search_share = search.seconds / (search.seconds + wall) if wall > 0 else None
-        metrics["learning_rate_search"]["share_of_time"] = search_share
-    metrics["early_stopping"] = stopping
+    metrics = run_metrics(cfg, trainer, model, evaluation, wall=wall, start_from=start_from, data_stats=prepared.stats,
+                          search=search, stopping=stopping)
     adapter_dir = out / "adapter"
     weights = gather_adapter_state(trainer)  # every rank takes part: an FSDP/ZeRO-3 model is sharded across them
     if not main:
@@ -118,7 +109,7 @@ def train(cfg: RunConfig, *, resume: bool = False, force_resume: bool = False, r
     return TrainResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, registry_ref=ref, model=model)
 
 
-def learning_rate(cfg: RunConfig, trainer, model, prepared, previous: dict | None):
+def learning_rate(cfg: RunConfig, trainer, model, prepared, previous: dict | None, *, main: bool):
     """Set the trainer's rate for train.learning_rate=auto and return the range test behind it (None for a fixed rate).
 
     A resumed run keeps the rate its start chose (from run.json) instead of searching again."""
@@ -132,24 +123,31 @@ def learning_rate(cfg: RunConfig, trainer, model, prepared, previous: dict | Non
     else:
         search = find_learning_rate(trainer, model, prepared.train, trainer.data_collator,
                                     bounds=CATALOG[cfg.method.name].lr_bounds,
-                                    planned_tokens=planned_tokens(cfg, prepared.train, trainer.args.world_size),
+                                    planned_rows=planned_rows(cfg, len(prepared.train), trainer.args.world_size),
                                     seed=cfg.train.seed)
-        if is_main_process():
+        if main:
             print(search.summary(), flush=True)
             plot_search(search, Path(cfg.train.output_dir) / "lr_search.png")
     trainer.args.learning_rate = search.chosen
     return search
 
 
-def planned_tokens(cfg: RunConfig, dataset, world_size: int) -> int:
-    """Return the tokens one process will feed its model over the whole run (for the range test's budget)."""
-    from peftkit.lr_finder import mean_row_tokens
-
+def planned_rows(cfg: RunConfig, rows: int, world_size: int) -> int:
+    """Return the rows one process will feed its model over the whole run, of the rows training has (the range
+    test's budget)."""
     t = cfg.train
     per_step = t.batch_size * t.gradient_accumulation_steps
-    rows = len(dataset)
     steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * math.ceil(rows / (per_step * world_size)))
-    return round(steps * per_step * mean_row_tokens(dataset))
+    return steps * per_step
+
+
+def held_out_result(trainer, checkpoint_dir: Path, patience: int) -> tuple[dict, dict | None]:
+    """Return the eval metrics the adapter is reported with, and train.early_stopping's record (None when off)."""
+    evaluation = final_evaluation(trainer)
+    if not patience:
+        return evaluation, None
+    stopping = keep_best(trainer, evaluation, checkpoint_dir, patience)
+    return stopping.pop("evaluation"), stopping
 
 
 def keep_best(trainer, evaluation: dict, checkpoint_dir: Path, patience: int) -> dict:
@@ -161,20 +159,22 @@ def keep_best(trainer, evaluation: dict, checkpoint_dir: Path, patience: int) ->
     if not best_step or best_loss is None or evaluation["eval_loss"] <= best_loss:
         return {**record, "best_step": state.global_step, "best_eval_loss": evaluation["eval_loss"], "evaluation": evaluation}
     trainer._load_from_checkpoint(str(checkpoint_dir / f"checkpoint-{best_step}"))  # what resume loads weights with
-    at_best = next(e for e in state.log_history if "eval_loss" in e and e.get("step") == best_step)
     log.info("early stopping: kept step %d (eval loss %.4f) over step %d (%.4f)", best_step, best_loss,
              state.global_step, evaluation["eval_loss"])
     return {**record, "best_step": best_step, "best_eval_loss": best_loss,
-            "evaluation": {k: v for k, v in at_best.items() if k.startswith("eval_")}}
+            "evaluation": logged_evaluation(trainer, best_step)}
 
 
 def final_evaluation(trainer) -> dict:
     """Return the eval metrics at the last step: the Trainer's own when it evaluated there (the end of the last epoch,
     or an eval_steps multiple), else a fresh evaluation (evaluating twice costs a pass and prints twice)."""
-    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
-    if last is not None and last.get("step") == trainer.state.global_step:
-        return {key: value for key, value in last.items() if key.startswith("eval_")}
-    return trainer.evaluate()
+    return logged_evaluation(trainer, trainer.state.global_step) or trainer.evaluate()
+
+
+def logged_evaluation(trainer, step: int) -> dict | None:
+    """Return the eval metrics the Trainer logged at step (its last evaluation there), or None."""
+    entry = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e and e.get("step") == step), None)
+    return {key: value for key, value in entry.items() if key.startswith("eval_")} if entry is not None else None
 
 
 def open_run_dir(out: Path, checkpoint_dir: Path) -> None:
@@ -199,11 +199,6 @@ def save_run(cfg: RunConfig, out: Path, model, tokenizer, trainer, metrics: dict
     atomic.write_json(out / "metrics.json", metrics)
     plot_losses(trainer.state.log_history, out / "loss.png")
     ckpts.write_run_state(out, status="finished", step=trainer.state.global_step, **state)
-
-
-def is_main_process() -> bool:
-    """Return False on the non-zero ranks of a torchrun / accelerate launch job."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def resume_point(out: Path, checkpoint_dir: Path, state: dict, *, resume: bool, force: bool, main: bool = True) -> Path | None:

@@ -64,7 +64,7 @@ def test_auto_picks_a_rate_inside_the_bounds_and_leaves_model_and_rngs_as_found(
     before, rng = _params(model), torch.get_rng_state()
     bounds = CATALOG[method].lr_bounds
     search = find_learning_rate(trainer, model, prepared.train, trainer.data_collator, bounds=bounds,
-                                planned_tokens=20_000, seed=3)
+                                planned_rows=200, seed=3)
     assert bounds[0] <= search.chosen <= bounds[1]
     assert search.steps >= 2 and len(search.losses) == search.steps == len(search.rates)
     assert search.rates == sorted(search.rates) and search.rates[0] == pytest.approx(bounds[0])
@@ -72,7 +72,7 @@ def test_auto_picks_a_rate_inside_the_bounds_and_leaves_model_and_rngs_as_found(
     assert all(torch.equal(before[n], after[n]) for n in before)  # bit for bit
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(rng, torch.get_rng_state())
-    again = find_learning_rate(trainer, model, prepared.train, trainer.data_collator, bounds=bounds, planned_tokens=20_000,
+    again = find_learning_rate(trainer, model, prepared.train, trainer.data_collator, bounds=bounds, planned_rows=200,
                                seed=3)
     assert again.losses == search.losses and again.chosen == search.chosen  # same seed, same rows, same answer
 

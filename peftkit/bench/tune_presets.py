@@ -63,24 +63,19 @@ def data_sets(folder: Path) -> dict[str, tuple[Path, Path]]:
     return {name: (Path(t), Path(e)) for name, (t, e) in sets.items()}
 
 
-def run_one(variant: str, data: str, files: tuple[Path, Path], out: Path) -> dict | None:
-    """Train one variant on one data set (skipped when it finished before); return its metrics or None."""
+def run_one(variant: str, data: str, files: tuple[Path, Path], out: Path) -> None:
+    """Train one variant on one data set, unless it finished before (its results are read by `finished`)."""
     method, overrides = VARIANTS[variant]
     run_dir = out / variant / data
-    metrics_file = run_dir / "metrics.json"
-    if not metrics_file.is_file():
-        preset, extra = pick_preset(None, method)
-        cfg = load_config(preset, extra + BUDGET + overrides + [
-            f"data.path={files[0]}", f"data.eval_path={files[1]}", f"train.output_dir={run_dir}",
-            f"name={variant}-{data}"])
-        frozen = out / variant / f"{data}.yaml"
-        frozen.parent.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, frozen)
-        run = MethodRun(method, variant, cfg.train.learning_rate, run_dir)
-        run_method(frozen, run, log_file=out / variant / f"{data}.log")
-        if run.error:
-            return None
-    return json.loads(metrics_file.read_text())
+    if (run_dir / "metrics.json").is_file():
+        return
+    preset, extra = pick_preset(None, method)
+    cfg = load_config(preset, extra + BUDGET + overrides + [
+        f"data.path={files[0]}", f"data.eval_path={files[1]}", f"train.output_dir={run_dir}", f"name={variant}-{data}"])
+    frozen = out / variant / f"{data}.yaml"
+    frozen.parent.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, frozen)
+    run_method(frozen, MethodRun(method, variant, cfg.train.learning_rate, run_dir), log_file=out / variant / f"{data}.log")
 
 
 def finished(out: Path, sets: list[str]) -> dict[str, dict[str, dict | None]]:

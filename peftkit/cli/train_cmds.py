@@ -87,7 +87,7 @@ def cmd_train(args) -> int:
     prepare_ranks(cfg, args)
     result = train(cfg, resume=args.resume, force_resume=args.force_resume,
                    register=False if args.no_register else None)
-    from peftkit.train import is_main_process
+    from peftkit.distributed import is_main_process
 
     if not is_main_process():
         return 0
